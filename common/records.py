@@ -1,0 +1,68 @@
+"""The records that travel between a site and the coordinator: names, conversions, sizes.
+
+This is the one module of `common/` that imports Flower. Record and key names are
+constants here so that the ClientApp, the strategy and the egress check agree on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.serde import recorddict_to_proto
+
+# Record names inside a message's RecordDict.
+ARRAYS = "arrays"  # the shared weights (coordinator -> site and back)
+CONFIG = "config"  # run config (coordinator -> site)
+METRICS = "metrics"  # aggregates a site reports (counts, loss, AUC, ...)
+SITE = "site"  # who is replying: {"name": site folder name}
+
+# Metric keys a site may send.
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds")
+EVAL_METRICS = (NUM_EXAMPLES, "auc", "balanced-accuracy", "ece", "test-loss")
+
+# A description of a RecordDict: record name -> (kind, {key: shape tuple or value type name}).
+Description = dict[str, tuple[str, dict[str, object]]]
+
+
+def to_array_record(state: Mapping[str, torch.Tensor], keys: list[str]) -> ArrayRecord:
+    """The named subset of a state dict, in the given key order."""
+    return ArrayRecord({k: state[k].detach().cpu() for k in keys})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """ArrayRecord -> {key: tensor} (copies, so the caller may modify them)."""
+    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
+
+
+def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> {key: ndarray}, for the coordinator's arithmetic."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def from_numpy(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """{key: ndarray} -> ArrayRecord, keeping key order."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's content as Flower serialises it on the wire (protobuf)."""
+    return recorddict_to_proto(content).ByteSize()
+
+
+def describe(content: RecordDict) -> Description:
+    """What a RecordDict holds, without the values: used by the egress check."""
+    out: Description = {}
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            out[name] = ("arrays", {k: tuple(a.shape) for k, a in record.items()})
+        elif isinstance(record, MetricRecord):
+            out[name] = ("metrics", {k: type(v).__name__ for k, v in record.items()})
+        elif isinstance(record, ConfigRecord):
+            out[name] = ("config", {k: type(v).__name__ for k, v in record.items()})
+        else:
+            out[name] = (type(record).__name__, {})
+    return out

@@ -1,0 +1,110 @@
+"""The run report: report.json (machine-readable), report.md (the per-site table), report.png.
+
+Built only from what reached the coordinator: per-site aggregates and measured reply sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig
+from server.strategy import SiteLog
+
+
+def _clean(value: float) -> float | None:
+    """JSON has no NaN: an undefined metric (e.g. AUC with one class) is null."""
+    return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
+
+
+def site_row(site: SiteLog) -> dict[str, Any]:
+    last_eval = site.evaluate[max(site.evaluate)] if site.evaluate else {}
+    last_train = site.train[max(site.train)] if site.train else {}
+    sent = list(site.bytes_sent.values())
+    return {
+        "name": site.name,
+        "n_train": int(last_train.get("n-train", 0)),
+        "n_test": int(last_eval.get("num-examples", last_train.get("n-test", 0))),
+        "n_skipped": int(last_train.get("n-skipped", 0)),
+        "auc": _clean(last_eval.get("auc", math.nan)),
+        "balanced_accuracy": _clean(last_eval.get("balanced-accuracy", math.nan)),
+        "ece": _clean(last_eval.get("ece", math.nan)),
+        "bytes_sent_per_round": round(sum(sent) / len(sent)) if sent else 0,
+        "rounds_trained": len(site.train),
+        "history": [{"round": r, "auc": _clean(m.get("auc", math.nan)), "ece": _clean(m.get("ece", math.nan)),
+                     "train_loss": _clean(site.train.get(r, {}).get("train-loss", math.nan))}
+                    for r, m in sorted(site.evaluate.items())],
+    }
+
+
+def build_report(cfg: RunConfig, sites: dict[str, SiteLog], *, wall_seconds: float, full_model_bytes: int,
+                 shared_payload_bytes: int, rejected: list, failed: list) -> dict[str, Any]:
+    return {
+        "strategy": f"{cfg.bn_mode}, freeze-blocks={cfg.freeze_blocks}",
+        "rounds": cfg.num_server_rounds,
+        "wall_seconds": round(wall_seconds, 2),
+        "full_model_bytes": full_model_bytes,
+        "shared_payload_bytes": shared_payload_bytes,
+        "config": cfg.to_run_config(),
+        "sites": [site_row(sites[name]) for name in sorted(sites)],
+        "rejected_updates": [{"round": r, "site": s, "reason": why} for r, s, why in rejected],
+        "failed_replies": [{"round": r, "site": s, "reason": why} for r, s, why in failed],
+    }
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# fedrad run report", "",
+        f"Strategy **{report['strategy']}**, {report['rounds']} rounds, {report['wall_seconds']:.1f} s wall time.",
+        f"Each site sent {report['sites'][0]['bytes_sent_per_round'] if report['sites'] else 0:,} bytes a round "
+        f"(shared payload {report['shared_payload_bytes']:,} bytes raw); a full-model FedAvg exchange would send "
+        f"{report['full_model_bytes']:,} bytes.", "",
+        "| site | n train | n test | skipped | AUC | balanced acc. | ECE | bytes sent / round |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in report["sites"]:
+        lines.append(f"| {s['name']} | {s['n_train']} | {s['n_test']} | {s['n_skipped']} | {_fmt(s['auc'])} | "
+                     f"{_fmt(s['balanced_accuracy'])} | {_fmt(s['ece'])} | {s['bytes_sent_per_round']:,} |")
+    for title, key in (("Rejected updates", "rejected_updates"), ("Failed replies", "failed_replies")):
+        if report[key]:
+            lines += ["", f"## {title}", ""] + [f"- round {e['round']}, {e['site']}: {e['reason']}" for e in report[key]]
+    lines += ["", "![AUC per round](report.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_history(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for s in report["sites"]:
+        rounds = [h["round"] for h in s["history"]]
+        ax.plot(rounds, [h["auc"] if h["auc"] is not None else math.nan for h in s["history"]], marker="o",
+                label=s["name"])
+    ax.set_xlabel("round")
+    ax.set_ylabel("test AUC")
+    ax.set_ylim(0.4, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Per-site test AUC ({report['strategy']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> Path:
+    """Write report.json, report.md and report.png into out_dir; return the json path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.json"
+    path.write_text(json.dumps(report, indent=2))
+    (out_dir / "report.md").write_text(to_markdown(report))
+    plot_history(report, out_dir / "report.png")
+    return path

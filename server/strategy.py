@@ -1,0 +1,132 @@
+"""FedRad: FedAvg over the shared part only, with per-site bookkeeping.
+
+A subclass of Flower's FedAvg that overrides only `aggregate_train`, `aggregate_evaluate`
+and `summary`. Sending is FedAvg's own (the same shared arrays and run config to every
+site). What it adds:
+- every update is validated (keys, shapes, dtype, finiteness) and a bad one is rejected
+  and logged with the site's name, never averaged;
+- the mean is sample-weighted over exactly the shared keys: BatchNorm never reaches the
+  coordinator in FedBN mode, so it cannot be touched here;
+- per site and per round it records the metrics the site reported and the bytes its
+  replies took on the wire (measured from the received messages, not from a formula).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+from common.records import ARRAYS, METRICS, NUM_EXAMPLES, SITE, from_numpy, payload_bytes, to_numpy
+from server.aggregate import ArraySpec, UpdateRejected, validate_update, weighted_average
+
+log = logging.getLogger("fedrad.coordinator")
+
+
+@dataclass
+class SiteLog:
+    """What the coordinator learned about one site, round by round (aggregates only)."""
+
+    name: str
+    train: dict[int, dict[str, float]] = field(default_factory=dict)
+    evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
+    bytes_sent: dict[int, int] = field(default_factory=dict)  # train + evaluate replies of that round
+
+
+def site_name(msg: Message) -> str:
+    """The site's self-declared name, or its node id when the reply carries none."""
+    if SITE in msg.content and "name" in msg.content[SITE]:
+        return str(msg.content[SITE]["name"])
+    return f"node-{msg.metadata.src_node_id}"
+
+
+class FedRad(FedAvg):
+    """Sample-weighted FedAvg of the shared arrays; BN and everything else stays at the sites."""
+
+    def __init__(self, *, expected: dict[str, ArraySpec], min_sites: int = 2,
+                 on_round: Callable[[int, dict[str, SiteLog]], None] | None = None) -> None:
+        super().__init__(min_train_nodes=min_sites, min_evaluate_nodes=min_sites, min_available_nodes=min_sites,
+                         weighted_by_key=NUM_EXAMPLES)
+        self.expected = expected
+        self.min_sites = min_sites
+        self.sites: dict[str, SiteLog] = {}
+        self.rejected: list[tuple[int, str, str]] = []  # (round, site, reason)
+        self.failed: list[tuple[int, str, str]] = []
+        self.on_round = on_round
+
+    def summary(self) -> None:
+        n_values = sum(math.prod(s.shape) for s in self.expected.values())
+        log.info("FedRad: averaging %d shared tensors (%d values), min %d sites per round",
+                 len(self.expected), n_values, self.min_sites)
+
+    def _site(self, name: str) -> SiteLog:
+        return self.sites.setdefault(name, SiteLog(name))
+
+    def _ok_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        ok = []
+        for msg in replies:
+            if msg.has_error():
+                reason = msg.error.reason
+                self.failed.append((server_round, f"node-{msg.metadata.src_node_id}", reason))
+                log.warning("round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, reason)
+            else:
+                ok.append(msg)
+        return ok
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
+                                                                                       MetricRecord | None]:
+        accepted: list[tuple[dict[str, np.ndarray], float]] = []
+        losses = []
+        for msg in self._ok_replies(server_round, replies):
+            name = site_name(msg)
+            try:
+                if ARRAYS not in msg.content or METRICS not in msg.content:
+                    raise UpdateRejected(f"site {name}: reply lacks the '{ARRAYS}' or '{METRICS}' record.")
+                arrays = to_numpy(msg.content[ARRAYS])  # type: ignore[arg-type]
+                metrics = dict(msg.content[METRICS])  # type: ignore[arg-type]
+                validate_update(name, arrays, metrics.get(NUM_EXAMPLES), self.expected)
+            except (UpdateRejected, TypeError, ValueError) as err:
+                self.rejected.append((server_round, name, str(err)))
+                log.warning("round %d: rejected update: %s", server_round, err)
+                continue
+            site = self._site(name)
+            site.train[server_round] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+            site.bytes_sent[server_round] = payload_bytes(msg.content)
+            accepted.append((arrays, float(metrics[NUM_EXAMPLES])))  # type: ignore[arg-type]
+            losses.append((float(metrics.get("train-loss", math.nan)), float(metrics[NUM_EXAMPLES])))  # type: ignore
+        if len(accepted) < self.min_sites:
+            log.warning("round %d: only %d valid updates (min-sites %d): the global model is kept unchanged.",
+                        server_round, len(accepted), self.min_sites)
+            return None, None
+        n = sum(w for _, w in losses)
+        summary = MetricRecord({"train-loss": sum(l * w for l, w in losses) / n, "sites": len(accepted)})
+        return from_numpy(weighted_average(accepted)), summary
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        rows = []
+        for msg in self._ok_replies(server_round, replies):
+            name = site_name(msg)
+            if METRICS not in msg.content:
+                log.warning("round %d: site %s sent no metrics", server_round, name)
+                continue
+            metrics = {k: float(v) for k, v in msg.content[METRICS].items()}  # type: ignore[arg-type]
+            site = self._site(name)
+            site.evaluate[server_round] = metrics
+            site.bytes_sent[server_round] = site.bytes_sent.get(server_round, 0) + payload_bytes(msg.content)
+            rows.append(metrics)
+        if self.on_round is not None:
+            self.on_round(server_round, self.sites)
+        if not rows:
+            return None
+        weights = np.array([r[NUM_EXAMPLES] for r in rows])
+        out = {NUM_EXAMPLES: float(weights.sum())}
+        for key in ("auc", "balanced-accuracy", "ece"):
+            values = np.array([r.get(key, math.nan) for r in rows])
+            ok = np.isfinite(values)
+            out[key] = float(np.average(values[ok], weights=weights[ok])) if ok.any() else math.nan
+        return MetricRecord(out)
