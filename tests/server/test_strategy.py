@@ -1,0 +1,76 @@
+"""FedRad strategy: mock replies in, exact arithmetic out; BN never touched; bad updates rejected."""
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Error
+
+from common.records import from_numpy, to_numpy
+from server.aggregate import spec_of
+from server.strategy import FedRad
+
+pytestmark = pytest.mark.usefixtures("flower_task")
+
+SHARED = {"_fc.weight": np.zeros((2, 3), np.float32), "_fc.bias": np.zeros(2, np.float32)}
+
+
+def train_reply(site, w, n, **extra):
+    arrays = {"_fc.weight": np.full((2, 3), w, np.float32), "_fc.bias": np.full(2, w, np.float32), **extra}
+    content = RecordDict({"arrays": from_numpy(arrays),
+                          "metrics": MetricRecord({"num-examples": n, "train-loss": w}),
+                          "site": ConfigRecord({"name": site})})
+    return Message(content=content, dst_node_id=0, message_type="train")
+
+
+def strategy(min_sites=2):
+    return FedRad(expected=spec_of(SHARED), min_sites=min_sites)
+
+
+def test_average_weighted_by_samples_over_shared_keys_only():
+    s = strategy()
+    arrays, metrics = s.aggregate_train(1, [train_reply("a", 1.0, 10), train_reply("b", 3.0, 30)])
+    out = to_numpy(arrays)
+    assert set(out) == set(SHARED)  # no BN key can appear: only the expected shared keys pass
+    np.testing.assert_allclose(out["_fc.weight"], np.full((2, 3), 2.5))
+    assert metrics["train-loss"] == pytest.approx(2.5)
+    assert s.sites["a"].bytes_sent[1] > 24 and s.sites["b"].train[1]["num-examples"] == 30
+
+
+def test_an_update_carrying_bn_is_rejected_and_the_rest_averaged():
+    s = strategy()
+    bad = train_reply("c", 100.0, 10, **{"_bn1.running_mean": np.ones(3, np.float32)})
+    arrays, _ = s.aggregate_train(2, [train_reply("a", 1.0, 10), train_reply("b", 3.0, 10), bad])
+    np.testing.assert_allclose(to_numpy(arrays)["_fc.bias"], [2.0, 2.0])
+    assert [(r, site) for r, site, _ in s.rejected] == [(2, "c")]
+    assert "unexpected" in s.rejected[0][2]
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_poisoned_update_never_reaches_the_global_model(poison):
+    s = strategy()
+    arrays, _ = s.aggregate_train(1, [train_reply("a", 1.0, 10), train_reply("b", 1.0, 10),
+                                      train_reply("evil", poison, 1000)])
+    assert np.isfinite(to_numpy(arrays)["_fc.weight"]).all()
+    assert s.rejected[0][1] == "evil"
+
+
+def test_too_few_valid_updates_keep_the_global_model():
+    s = strategy(min_sites=2)
+    failed = Message(Error(code=0, reason="site crashed"), reply_to=train_reply("x", 0, 1))
+    assert s.aggregate_train(1, [train_reply("a", 1.0, 10), failed]) == (None, None)
+    assert s.failed and "site crashed" in s.failed[0][2]
+
+
+def test_evaluate_keeps_per_site_metrics_and_weighted_means():
+    s = strategy()
+    replies = [Message(content=RecordDict({"metrics": MetricRecord({"num-examples": n, "auc": auc, "ece": 0.1,
+                                                                     "balanced-accuracy": 0.7}),
+                                           "site": ConfigRecord({"name": name})}),
+                       dst_node_id=0, message_type="evaluate")
+               for name, n, auc in (("a", 10, 0.9), ("b", 30, 0.7))]
+    seen = []
+    s.on_round = lambda rnd, sites: seen.append((rnd, sorted(sites)))
+    out = s.aggregate_evaluate(3, replies)
+    assert out["auc"] == pytest.approx((10 * 0.9 + 30 * 0.7) / 40)
+    assert s.sites["a"].evaluate[3]["auc"] == pytest.approx(0.9)
+    assert seen == [(3, ["a", "b"])]
