@@ -1,0 +1,286 @@
+"""Load one site folder (DICOM files + labels.csv) into preprocessed arrays.
+
+A site folder looks like::
+
+    site_a/
+        labels.csv          image,label,split[,roi_x,roi_y]
+        scans/0001.dcm ...
+
+* ``image``: path relative to the site folder ("/" or "\\" separators);
+  absolute paths and ".." are refused so labels.csv cannot reach outside.
+* ``label``: ``0``/``1`` (``0.0``/``1.0`` accepted), or empty = unlabelled.
+* ``split``: ``train`` or ``test`` (case-insensitive). Unlabelled rows must be
+  ``train`` (they feed semi-supervised/label-shift estimation); a ``test`` row
+  without a label cannot be scored and is skipped.
+* ``roi_x``, ``roi_y`` (optional): lesion centre in input pixel indices,
+  x = column, y = row, 0-based, (x, y) = centre of that pixel; fractions
+  allowed. Both empty (or the columns absent) = image centre.
+
+A bad row or file never stops the site: it is recorded in
+:attr:`SiteData.skipped` with a reason that names the line and the value, and
+the rest loads. Only a missing or unusable labels.csv is fatal
+(:class:`SiteDataError`).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from common.dicom import DicomImage, DicomReadError, read_image
+from common.preprocess import Preprocessor
+
+LABEL_COLUMNS = ("image", "label", "split", "roi_x", "roi_y")
+REQUIRED_COLUMNS = ("image", "label", "split")
+_LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
+_SPLITS = ("train", "test")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class SiteDataError(ValueError):
+    """The site cannot be loaded at all (labels.csv missing or malformed)."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """One row or file left out, and why.
+
+    Attributes:
+        file: The image path as written in labels.csv, or "labels.csv:<line>"
+            when the row itself is bad (label, split, roi, empty image cell).
+        reason: What was wrong, naming the line and the offending value.
+    """
+
+    file: str
+    reason: str
+
+
+@dataclass
+class SiteData:
+    """Preprocessed arrays of one site.
+
+    Attributes:
+        name: The site folder's name.
+        x_train, y_train: (N, 3, S, S) float32, (N,) int64; labelled train rows.
+        x_test, y_test: Labelled test rows, same layout.
+        x_unlabelled: (M, 3, S, S) float32; rows with an empty label.
+        spacings_mm: (K, 2) float64 (row, col) spacing in mm of every image read.
+        skipped: Rows/files left out, in labels.csv order.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    x_unlabelled: np.ndarray
+    spacings_mm: np.ndarray
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """JSON-ready counts (no pixel data) for logs and the server."""
+        return {
+            "name": self.name,
+            "n_train": int(len(self.y_train)),
+            "n_test": int(len(self.y_test)),
+            "n_unlabelled": int(len(self.x_unlabelled)),
+            "n_skipped": len(self.skipped),
+            "skipped": [{"file": s.file, "reason": s.reason} for s in self.skipped],
+        }
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A labels.csv row that passed validation."""
+
+    line: int
+    image: str  # as written
+    rel: PurePosixPath
+    label: int | None
+    split: str
+    roi_xy: tuple[float, float] | None
+
+
+def load_site(
+    site_dir: Path,
+    preprocessor: Preprocessor,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> SiteData:
+    """Read labels.csv, then read and preprocess every listed image.
+
+    Args:
+        site_dir: The site folder.
+        preprocessor: Turns each image into a (3, S, S) array.
+        on_progress: Called as ``on_progress(done, total)`` after each image
+            read attempt (total = rows that passed validation).
+
+    Returns:
+        The site's arrays; bad rows/files are in ``skipped``.
+
+    Raises:
+        SiteDataError: labels.csv missing, unreadable, or without the required
+            columns.
+    """
+    site_dir = Path(site_dir)
+    skipped: list[Skipped] = []
+    rows = _read_labels(site_dir / "labels.csv", skipped)
+    size = preprocessor.size
+    buckets: dict[str, tuple[list[np.ndarray], list[int]]] = {
+        "train": ([], []), "test": ([], []), "unlabelled": ([], []),
+    }
+    spacings: list[tuple[float, float]] = []
+    for done, row in enumerate(rows, start=1):
+        problem, image = _read_row(site_dir, row)
+        if image is not None:
+            spacings.append(image.spacing_mm)
+        if problem is not None:
+            skipped.append(Skipped(row.image, f"labels.csv line {row.line}: {problem}"))
+        else:
+            center = None if row.roi_xy is None else (row.roi_xy[1], row.roi_xy[0])
+            bucket = "unlabelled" if row.label is None else row.split
+            buckets[bucket][0].append(preprocessor(image, center))
+            buckets[bucket][1].append(-1 if row.label is None else row.label)
+        if on_progress is not None:
+            on_progress(done, len(rows))
+
+    def stack(key: str) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = buckets[key]
+        x = np.stack(xs).astype(np.float32, copy=False) if xs else np.zeros((0, 3, size, size), np.float32)
+        return x, np.asarray(ys, dtype=np.int64).reshape(-1)
+
+    x_train, y_train = stack("train")
+    x_test, y_test = stack("test")
+    x_unlabelled, _ = stack("unlabelled")
+    return SiteData(
+        name=site_dir.resolve().name,
+        x_train=x_train, y_train=y_train,
+        x_test=x_test, y_test=y_test,
+        x_unlabelled=x_unlabelled,
+        spacings_mm=np.asarray(spacings, dtype=np.float64).reshape(-1, 2),
+        skipped=skipped,
+    )
+
+
+def _read_row(site_dir: Path, row: _Row) -> tuple[str | None, DicomImage | None]:
+    """Read the row's image; return (problem or None, image or None)."""
+    path = site_dir.joinpath(*row.rel.parts)
+    if not path.is_file():
+        what = "file not found" if not path.exists() else "not a regular file"
+        return f"{what}: {path} (image paths are relative to the site folder)", None
+    try:
+        image = read_image(path)
+    except DicomReadError as exc:
+        return exc.reason, None
+    if row.roi_xy is not None:
+        x, y = row.roi_xy
+        n_rows, n_cols = image.values.shape
+        if not (-0.5 <= x < n_cols - 0.5 and -0.5 <= y < n_rows - 0.5):
+            return (
+                f"roi (x={x:g}, y={y:g}) px lies outside the image ({n_cols} columns x "
+                f"{n_rows} rows); roi_x is the column index, roi_y the row index"
+            ), image
+    return None, image
+
+
+def _read_labels(csv_path: Path, skipped: list[Skipped]) -> list[_Row]:
+    """Parse and validate labels.csv; bad rows go to ``skipped``."""
+    expected = "expected columns: image,label,split (optional: roi_x,roi_y)"
+    if not csv_path.is_file():
+        raise SiteDataError(f"{csv_path}: labels.csv not found; each site folder needs one ({expected})")
+    rows: list[_Row] = []
+    first_line: dict[PurePosixPath, int] = {}
+    try:
+        with open(csv_path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle)
+            header = [h.strip().lower() for h in next(reader, [])]
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if missing:
+                unknown = [h for h in header if h not in LABEL_COLUMNS]
+                raise SiteDataError(
+                    f"{csv_path}: missing required column(s) {', '.join(missing)}; header has "
+                    f"{header or 'nothing'}"
+                    + (f" (unrecognised: {', '.join(unknown)})" if unknown else "")
+                    + f"; {expected}"
+                )
+            index = {name: header.index(name) for name in LABEL_COLUMNS if name in header}
+            for cells in reader:
+                if not any(c.strip() for c in cells):
+                    continue  # blank line
+                line = reader.line_num
+
+                def get(name: str, cells: list[str] = cells) -> str:
+                    column = index.get(name, len(cells))
+                    return cells[column].strip() if column < len(cells) else ""
+
+                parsed = _parse_row(line, get, skipped)
+                if parsed is None:
+                    continue
+                if parsed.rel in first_line:
+                    skipped.append(Skipped(
+                        parsed.image,
+                        f"labels.csv line {line}: duplicate of line {first_line[parsed.rel]} "
+                        "(same image); only the first row is used",
+                    ))
+                    continue
+                first_line[parsed.rel] = line
+                rows.append(parsed)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise SiteDataError(f"{csv_path}: not a readable UTF-8 CSV file ({exc}); {expected}") from exc
+    return rows
+
+
+def _parse_row(line: int, get: Callable[[str], str], skipped: list[Skipped]) -> _Row | None:
+    """Validate one row; on failure record why and return None."""
+    where = f"labels.csv:{line}"
+    image = get("image")
+    if not image:
+        skipped.append(Skipped(where, f"labels.csv line {line}: empty 'image' cell"))
+        return None
+    rel = PurePosixPath(image.replace("\\", "/"))
+    if rel.is_absolute() or _DRIVE.match(image) or ".." in rel.parts or rel == PurePosixPath("."):
+        skipped.append(Skipped(
+            image,
+            f"labels.csv line {line}: image path {image!r} must be relative to the site folder "
+            "and stay inside it (no absolute paths, no '..')",
+        ))
+        return None
+    raw_label = get("label")
+    if raw_label and raw_label not in _LABELS:
+        skipped.append(Skipped(
+            where, f"labels.csv line {line} ({image}): label must be 0, 1 or empty, got {raw_label!r}"
+        ))
+        return None
+    label = _LABELS.get(raw_label)
+    split = get("split").lower()
+    if split not in _SPLITS:
+        skipped.append(Skipped(
+            where, f"labels.csv line {line} ({image}): split must be 'train' or 'test', got {get('split')!r}"
+        ))
+        return None
+    if split == "test" and label is None:
+        skipped.append(Skipped(
+            where, f"labels.csv line {line} ({image}): test row has no label; a test image must be "
+            "labelled 0 or 1 (put unlabelled images in the train split)"
+        ))
+        return None
+    raw_x, raw_y = get("roi_x"), get("roi_y")
+    roi_xy = None
+    if raw_x or raw_y:
+        try:
+            roi_xy = (float(raw_x), float(raw_y))
+            if not all(math.isfinite(v) for v in roi_xy):
+                raise ValueError
+        except ValueError:
+            skipped.append(Skipped(
+                where, f"labels.csv line {line} ({image}): roi_x and roi_y must both be numbers "
+                f"(pixel column, row) or both empty, got roi_x={raw_x!r}, roi_y={raw_y!r}"
+            ))
+            return None
+    return _Row(line, image, rel, label, split, roi_xy)

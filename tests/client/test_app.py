@@ -1,0 +1,73 @@
+"""The real ClientApp handlers on a tiny real site: what leaves the site, and what stays."""
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+import client.app as site_app
+from client.train import build_model
+from common.config import RunConfig
+from common.finetune import shared_keys
+from common.records import ARRAYS, to_array_record
+from common.synth import SiteSpec, generate
+
+pytestmark = pytest.mark.usefixtures("flower_task")
+
+
+@pytest.fixture(scope="module")
+def tiny_site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    spec = SiteSpec(name="tiny", n_patients=16, prevalence=0.5, spacing_mm=0.8, noise_hu=10, kernel="smooth",
+                    hu_offset=0, manufacturer="Siemens")
+    (folder,) = generate(root, sites=[spec], seed=1, image_size=96)
+    return folder
+
+
+def message(cfg: RunConfig, kind: str) -> Message:
+    model = build_model(cfg)
+    arrays = to_array_record(model.state_dict(), shared_keys(model, cfg.bn_mode))
+    config = ConfigRecord({**cfg.to_run_config(), "server-round": 1})
+    return Message(content=RecordDict({ARRAYS: arrays, "config": config}), dst_node_id=1, message_type=kind)
+
+
+def test_train_reply_holds_only_shared_weights_and_scalars(tiny_site, tmp_path):
+    cfg = RunConfig(local_epochs=1, batch_size=8, fov_mm=32.0, out_dir=str(tmp_path))
+    context = Context(run_id=1, node_id=1, node_config={"data-dir": str(tiny_site), "work-dir": str(tmp_path / "w")},
+                      state=RecordDict(), run_config={})
+    msg = message(cfg, "train")
+    out = site_app.train(msg, context)
+    content = out.content
+    assert set(content.keys()) == {"arrays", "metrics", "site"}
+    sent = {k: tuple(a.shape) for k, a in content["arrays"].items()}
+    assert sent == {k: tuple(a.shape) for k, a in msg.content["arrays"].items()}
+    n_images = 16
+    for shape in sent.values():  # no pixel or per-image array: nothing shaped by the image count or size
+        assert n_images not in shape[:1] and cfg.image_size not in shape
+    for value in content["metrics"].values():
+        assert isinstance(value, (int, float))
+    assert content["site"]["name"] == "tiny"
+    # The site kept its own BN in its node state, and its summary (with file names) on its own disk.
+    assert "fedrad-local" in context.state
+    kept = context.state["fedrad-local"]
+    assert any(k.endswith("running_mean") for k in kept.keys())
+    assert not set(kept.keys()) & set(sent)
+    assert (tmp_path / "w" / "site-summary.json").is_file()
+    # Training changed the shared head.
+    before = msg.content["arrays"]["_fc.weight"].numpy()
+    assert not np.array_equal(before, content["arrays"]["_fc.weight"].numpy())
+
+
+def test_evaluate_reply_is_scalar_aggregates(tiny_site, tmp_path):
+    cfg = RunConfig(fov_mm=32.0, out_dir=str(tmp_path))
+    context = Context(run_id=1, node_id=1, node_config={"data-dir": str(tiny_site)}, state=RecordDict(),
+                      run_config={})
+    out = site_app.evaluate_(message(cfg, "evaluate"), context)
+    assert set(out.content.keys()) == {"metrics", "site"}
+    assert set(out.content["metrics"].keys()) == {"num-examples", "auc", "balanced-accuracy", "ece", "test-loss"}
+
+
+def test_a_site_without_data_says_how_to_fix_it(tmp_path):
+    cfg = RunConfig(out_dir=str(tmp_path))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match="--node-config"):
+        site_app.train(message(cfg, "train"), context)

@@ -1,0 +1,105 @@
+"""Test helpers: write tiny DICOM files and synthetic images with pydicom."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+_SOP_CLASS = {
+    "CT": "1.2.840.10008.5.1.4.1.1.2",
+    "MR": "1.2.840.10008.5.1.4.1.1.4",
+    "CR": "1.2.840.10008.5.1.4.1.1.1",
+    "DX": "1.2.840.10008.5.1.4.1.1.1.1",
+}
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def write_dicom(
+    path: Path,
+    stored: np.ndarray,
+    *,
+    modality: str = "CT",
+    pixel_spacing: tuple[float, float] | None = (0.7, 0.7),
+    imager_spacing: tuple[float, float] | None = None,
+    slope: float | None = None,
+    intercept: float | None = None,
+    photometric: str = "MONOCHROME2",
+    preamble: bool = True,
+) -> Path:
+    """Write ``stored`` (int16/uint16, (rows, cols) or (frames, rows, cols)) as DICOM.
+
+    Args:
+        path: Where to write (parent folders are created).
+        stored: Stored pixel values; int16 gives Pixel Representation 1.
+        modality: (0008,0060) Modality.
+        pixel_spacing: (0028,0030) Pixel Spacing (row, col) mm, None to omit.
+        imager_spacing: (0018,1164) Imager Pixel Spacing, None to omit.
+        slope, intercept: (0028,1053)/(0028,1052); omitted when None.
+        photometric: (0028,0004) Photometric Interpretation.
+        preamble: False writes a bare dataset without the 128-byte preamble,
+            'DICM' prefix and file meta.
+
+    Returns:
+        ``path``.
+    """
+    stored = np.asarray(stored)
+    if stored.dtype not in (np.int16, np.uint16):
+        raise TypeError(f"stored must be int16 or uint16, got {stored.dtype}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = Dataset()
+    ds.SOPClassUID = _SOP_CLASS.get(modality, _SECONDARY_CAPTURE)
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = modality
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = stored.shape[-2:]
+    if stored.ndim == 3:
+        ds.NumberOfFrames = stored.shape[0]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if stored.dtype == np.int16 else 0
+    if pixel_spacing is not None:
+        ds.PixelSpacing = [f"{v:g}" for v in pixel_spacing]
+    if imager_spacing is not None:
+        ds.ImagerPixelSpacing = [f"{v:g}" for v in imager_spacing]
+    if slope is not None:
+        ds.RescaleSlope = f"{slope:g}"
+    if intercept is not None:
+        ds.RescaleIntercept = f"{intercept:g}"
+    ds.PixelData = stored.astype(stored.dtype.newbyteorder("<")).tobytes()
+    if preamble:
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        ds.save_as(path, implicit_vr=False, little_endian=True, enforce_file_format=False)
+    return path
+
+
+def disk(
+    shape: tuple[int, int],
+    spacing_mm: tuple[float, float],
+    radius_mm: float,
+    center_mm: tuple[float, float] | None = None,
+    supersample: int = 8,
+) -> np.ndarray:
+    """Anti-aliased disk: each pixel holds the fraction of its area inside the disk.
+
+    Pixel (r, c) covers [r*sr, (r+1)*sr) x [c*sc, (c+1)*sc) mm; the default
+    centre is the image centre. Returns float32 in [0, 1].
+    """
+    rows, cols = shape
+    sr, sc = spacing_mm
+    cy, cx = center_mm if center_mm is not None else (rows * sr / 2.0, cols * sc / 2.0)
+    sub = (np.arange(supersample) + 0.5) / supersample
+    y = ((np.arange(rows)[:, None] + sub[None, :]) * sr).reshape(-1)
+    x = ((np.arange(cols)[:, None] + sub[None, :]) * sc).reshape(-1)
+    inside = ((y[:, None] - cy) ** 2 + (x[None, :] - cx) ** 2) <= radius_mm**2
+    return inside.reshape(rows, supersample, cols, supersample).mean(axis=(1, 3)).astype(np.float32)
