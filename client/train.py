@@ -6,12 +6,14 @@ already loaded (see `client.state`); this module only runs epochs and prediction
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from common.bn import recalibrate_bn
 from common.config import RunConfig
 from common.efficientnet_lite import EfficientNetLite0, efficientnet_lite0
 from common.finetune import freeze_units, make_optimizer, param_groups, set_train_mode
@@ -45,7 +47,8 @@ def fit(model: EfficientNetLite0, x: np.ndarray, y: np.ndarray, cfg: RunConfig, 
     """Train the unfrozen part for `cfg.local_epochs` epochs; return mean loss and timing.
 
     Frozen units stay in eval mode (their BN keeps the pretrained statistics); trainable
-    units' BN layers update their running statistics on this site's images (FedBN).
+    units' BN layers are re-estimated on this site's training images after the last epoch
+    (`recalibrate_bn`), so evaluation normalises with this site's statistics (FedBN).
     """
     n = len(y)
     if n < 2:
@@ -69,7 +72,8 @@ def fit(model: EfficientNetLite0, x: np.ndarray, y: np.ndarray, cfg: RunConfig, 
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-    model.eval()
+    # near-equal batches: the cumulative average then weights every image (almost) equally
+    recalibrate_bn(model, torch.tensor_split(xs, math.ceil(n / cfg.batch_size)))
     return {"train-loss": float(np.mean(losses)), "seconds": time.perf_counter() - start}
 
 

@@ -8,6 +8,9 @@ that happen to be). Per-site BN is how fedrad answers covariate shift between sc
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import torch
 from torch import nn
 
 BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -25,3 +28,39 @@ def bn_state_keys(model: nn.Module) -> set[str]:
         prefix = f"{name}." if name else ""
         keys.update(prefix + k for k in module.state_dict())
     return keys
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], *, only_trainable: bool = True) -> int:
+    """Re-estimate BN running statistics as the exact average over `batches` (AdaBN / precise BN).
+
+    Why: pretrained BN uses momentum 0.01 (TF's 0.99 decay), so a few dozen local steps
+    leave the running statistics mostly ImageNet's while training normalised with the
+    site's batch statistics; evaluation then sees a different network. A forward pass
+    over the site's own images with a cumulative average fixes that. Forward passes only:
+    no labels, no gradient. With `only_trainable`, BN layers whose affine parameters are
+    frozen keep their statistics (they belong to the fixed feature extractor).
+    Returns the number of BN layers re-estimated. Leaves the model in eval mode.
+    """
+    chosen = [m for m in bn_modules(model).values()
+              if not only_trainable or any(p.requires_grad for p in m.parameters())]
+    if not chosen:
+        return 0
+    model.eval()
+    saved = {}
+    for m in chosen:
+        saved[m] = m.momentum
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average = exact mean over batches
+        m.train()
+    seen = 0
+    for batch in batches:
+        if len(batch) >= 2:
+            model(batch)
+            seen += 1
+    for m in chosen:
+        m.momentum = saved[m]
+        m.eval()
+    if seen == 0:
+        raise ValueError("recalibrate_bn needs at least one batch of 2 or more images.")
+    return len(chosen)

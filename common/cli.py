@@ -16,9 +16,13 @@ DEFAULT_DATA = Path("data/synthetic")
 
 
 def _setup_logging(verbose: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    handler = RichHandler(show_path=False, markup=False, log_time_format="%H:%M:%S")
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console.width = 160  # keep one progress line per round unwrapped in log files
+    handler = RichHandler(console=console, show_path=False, markup=False, log_time_format="%H:%M:%S")
     for name in ("fedrad",):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
