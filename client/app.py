@@ -16,11 +16,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.dataset import SiteData, load_site
-from client.train import build_model, evaluate, fit
+from client.features import SiteInputs, site_inputs
+from client.train import build_model, fit, pick_device, predict_proba
 from common.config import RunConfig
 from common.efficientnet_lite import EfficientNetLite0
 from common.egress import EgressPolicy, check_egress
 from common.finetune import local_keys
+from common.metrics import classification_metrics
 from common.preprocess import Preprocessor
 from common.records import (ARRAYS, CONFIG, EVAL_METRICS, METRICS, NUM_EXAMPLES, SITE, TRAIN_METRICS,
                             describe, from_array_record, to_array_record)
@@ -51,12 +53,14 @@ def work_folder(context: Context, cfg: RunConfig, site: str) -> Path:
     return Path(cfg.work_dir or Path(cfg.out_dir) / "sites") / site
 
 
-def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, EfficientNetLite0]:
-    """Config from the message, the site's data, and the model with shared + local weights loaded."""
+def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, EfficientNetLite0, SiteInputs]:
+    """Config from the message, the site's data, the model with shared + local weights, its inputs."""
     run_config = {k: v for k, v in msg.content[CONFIG].items() if k != "server-round"}
     cfg = RunConfig.from_run_config(run_config)
     data = load_site(site_folder(context, cfg), Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))
-    model = build_model(cfg)
+    device = pick_device(cfg.device)
+    model = build_model(cfg, device)
+    inputs = site_inputs(model, cfg, data, work_folder(context, cfg, data.name), device)
     state = from_array_record(msg.content[ARRAYS])
     if LOCAL_STATE in context.state:
         state.update(from_array_record(context.state[LOCAL_STATE]))  # type: ignore[arg-type]
@@ -64,7 +68,7 @@ def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, Effici
     if unexpected:
         raise ValueError(f"site {data.name}: the coordinator sent weights this model does not have: {unexpected[:5]}; "
                          "coordinator and site must run the same fedrad version and config.")
-    return cfg, data, model
+    return cfg, data, model, inputs
 
 
 def reply(msg: Message, data: SiteData, arrays: ArrayRecord | None, metrics: dict[str, float]) -> Message:
@@ -91,12 +95,14 @@ def write_summary(context: Context, cfg: RunConfig, data: SiteData, extra: dict[
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, data, model = prepare(msg, context)
+    cfg, data, model, inputs = prepare(msg, context)
     server_round = int(msg.content[CONFIG]["server-round"])
-    stats = fit(model, data.x_train, data.y_train, cfg, seed=cfg.seed * 10_000 + server_round)
+    stats = fit(model, inputs.train, data.y_train, cfg, seed=cfg.seed * 10_000 + server_round,
+                device=pick_device(cfg.device))
     state = model.state_dict()
     context.state[LOCAL_STATE] = to_array_record(state, local_keys(model, cfg.bn_mode))
-    write_summary(context, cfg, data, {"round": server_round, **stats})
+    write_summary(context, cfg, data, {"round": server_round, **stats, "cache-hits": inputs.cache_hits,
+                                       "cache-misses": inputs.cache_misses})
     metrics = {NUM_EXAMPLES: len(data.y_train), "n-train": len(data.y_train), "n-test": len(data.y_test),
                "n-skipped": len(data.skipped), **stats}
     return reply(msg, data, to_array_record(state, list(msg.content[ARRAYS].keys())), metrics)
@@ -104,6 +110,6 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_(msg: Message, context: Context) -> Message:
-    _, data, model = prepare(msg, context)
-    metrics = evaluate(model, data.x_test, data.y_test)
+    cfg, data, model, inputs = prepare(msg, context)
+    metrics = classification_metrics(data.y_test, predict_proba(model, inputs.test, device=pick_device(cfg.device)))
     return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics})

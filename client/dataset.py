@@ -25,6 +25,7 @@ the rest loads. Only a missing or unusable labels.csv is fatal
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import re
 from collections.abc import Callable
@@ -72,6 +73,9 @@ class SiteData:
         x_unlabelled: (M, 3, S, S) float32; rows with an empty label.
         spacings_mm: (K, 2) float64 (row, col) spacing in mm of every image read.
         skipped: Rows/files left out, in labels.csv order.
+        keys_train, keys_test, keys_unlabelled: one content key per image (a hash of the
+            file's bytes and its ROI), in array order: what the feature cache is keyed by,
+            so a changed file or ROI is never served stale features.
     """
 
     name: str
@@ -82,6 +86,9 @@ class SiteData:
     x_unlabelled: np.ndarray
     spacings_mm: np.ndarray
     skipped: list[Skipped] = field(default_factory=list)
+    keys_train: tuple[str, ...] = ()
+    keys_test: tuple[str, ...] = ()
+    keys_unlabelled: tuple[str, ...] = ()
 
     def summary(self) -> dict:
         """JSON-ready counts (no pixel data) for logs and the server."""
@@ -132,8 +139,8 @@ def load_site(
     skipped: list[Skipped] = []
     rows = _read_labels(site_dir / "labels.csv", skipped)
     size = preprocessor.size
-    buckets: dict[str, tuple[list[np.ndarray], list[int]]] = {
-        "train": ([], []), "test": ([], []), "unlabelled": ([], []),
+    buckets: dict[str, tuple[list[np.ndarray], list[int], list[str]]] = {
+        "train": ([], [], []), "test": ([], [], []), "unlabelled": ([], [], []),
     }
     spacings: list[tuple[float, float]] = []
     for done, row in enumerate(rows, start=1):
@@ -147,11 +154,12 @@ def load_site(
             bucket = "unlabelled" if row.label is None else row.split
             buckets[bucket][0].append(preprocessor(image, center))
             buckets[bucket][1].append(-1 if row.label is None else row.label)
+            buckets[bucket][2].append(image_key(site_dir.joinpath(*row.rel.parts), row.roi_xy))
         if on_progress is not None:
             on_progress(done, len(rows))
 
     def stack(key: str) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = buckets[key]
+        xs, ys, _ = buckets[key]
         x = np.stack(xs).astype(np.float32, copy=False) if xs else np.zeros((0, 3, size, size), np.float32)
         return x, np.asarray(ys, dtype=np.int64).reshape(-1)
 
@@ -165,7 +173,17 @@ def load_site(
         x_unlabelled=x_unlabelled,
         spacings_mm=np.asarray(spacings, dtype=np.float64).reshape(-1, 2),
         skipped=skipped,
+        keys_train=tuple(buckets["train"][2]),
+        keys_test=tuple(buckets["test"][2]),
+        keys_unlabelled=tuple(buckets["unlabelled"][2]),
     )
+
+
+def image_key(path: Path, roi_xy: tuple[float, float] | None) -> str:
+    """Content key of one image row: SHA-256 of the file's bytes and the ROI it is cropped at."""
+    digest = hashlib.sha256(path.read_bytes())
+    digest.update(repr(roi_xy).encode())
+    return digest.hexdigest()[:32]
 
 
 def _read_row(site_dir: Path, row: _Row) -> tuple[str | None, DicomImage | None]:

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 BN_MODES = ("fedbn", "shared")
+AUGMENTS = ("dihedral", "none")
+PREFIX_BN = ("pretrained", "site")
+DEVICES = ("auto", "cpu", "cuda")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -31,6 +34,11 @@ class RunConfig:
     lr_max: float = 0.003  # learning rate of the classifier
     lr_decay: float = 0.5  # gamma: each level below the classifier gets gamma times the rate above
     local_epochs: int = 2
+    augment: str = "dihedral"  # dihedral: random flips/90-degree rotations (8 exact views); none
+    feature_cache: bool = True  # compute the frozen prefix once per image (and view), reuse every epoch/round
+    prefix_bn: str = "pretrained"  # BN of the frozen prefix: ImageNet statistics, or re-estimated on the site's images
+    cache_memory_mb: int = 512  # in-memory layer of the feature cache (per site process); 0 = disk only
+    device: str = "auto"  # auto: CUDA when present (bf16 autocast, channels-last), else CPU
     batch_size: int = 32
     weight_decay: float = 0.0001
     spacing_mm: float = 0.5  # every image is resampled to this pixel spacing (mm)
@@ -50,6 +58,10 @@ class RunConfig:
             (self.lr_max > 0, "lr-max must be > 0"),
             (0 < self.lr_decay <= 1, "lr-decay must be in (0, 1]"),
             (self.local_epochs >= 1, "local-epochs must be >= 1"),
+            (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}"),
+            (self.prefix_bn in PREFIX_BN, f"prefix-bn must be one of {PREFIX_BN}"),
+            (self.cache_memory_mb >= 0, "cache-memory-mb must be >= 0"),
+            (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.batch_size >= 2, "batch-size must be >= 2 (BatchNorm needs two samples)"),
             (self.weight_decay >= 0, "weight-decay must be >= 0"),
             (self.spacing_mm > 0, "spacing-mm must be > 0"),
