@@ -15,7 +15,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.dataset import SiteData, load_site
+from client.dataset import SiteData, load_site_cached
 from client.features import SiteInputs, site_inputs
 from client.train import build_model, fit, pick_device, predict_proba
 from common.config import RunConfig
@@ -57,7 +57,7 @@ def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, Effici
     """Config from the message, the site's data, the model with shared + local weights, its inputs."""
     run_config = {k: v for k, v in msg.content[CONFIG].items() if k != "server-round"}
     cfg = RunConfig.from_run_config(run_config)
-    data = load_site(site_folder(context, cfg), Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))
+    data = load_site_cached(site_folder(context, cfg), Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))
     device = pick_device(cfg.device)
     model = build_model(cfg, device)
     inputs = site_inputs(model, cfg, data, work_folder(context, cfg, data.name), device)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -302,3 +303,30 @@ def _parse_row(line: int, get: Callable[[str], str], skipped: list[Skipped]) -> 
             ))
             return None
     return _Row(line, image, rel, label, split, roi_xy)
+
+
+def folder_fingerprint(site_dir: Path) -> tuple:
+    """(relative path, size, mtime) of every file under the site folder: changes when any file does."""
+    entries = []
+    for root, _, files in os.walk(site_dir):
+        for name in files:
+            stat = os.stat(os.path.join(root, name))
+            entries.append((os.path.relpath(os.path.join(root, name), site_dir), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
+_LOADED: dict[tuple, SiteData] = {}
+
+
+def load_site_cached(site_dir: Path, preprocessor: Preprocessor) -> SiteData:
+    """`load_site`, remembered per process while the folder is unchanged (one site per process).
+
+    A Simulation Engine actor serves its site message after message; re-reading and
+    re-preprocessing every DICOM for each message would dominate a round once the
+    frozen prefix is cached. Only the latest folder/preprocessing is kept.
+    """
+    key = (str(Path(site_dir).resolve()), repr(preprocessor), folder_fingerprint(Path(site_dir)))
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = load_site(site_dir, preprocessor)
+    return _LOADED[key]

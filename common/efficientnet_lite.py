@@ -13,6 +13,7 @@ The network is split into `features` units (stem, 16 MBConv blocks, head conv) a
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -151,6 +152,15 @@ class EfficientNetLite0(nn.Module):
         return self.forward_from(x, 0)
 
 
+@functools.cache
+def _pretrained_state() -> dict[str, torch.Tensor]:
+    """The packaged weights, read once per process (a site process builds a model per message).
+
+    `load_state_dict` copies them into the model, so sharing this dict is safe.
+    """
+    return torch.load(weights_path(), map_location="cpu", weights_only=True)
+
+
 def efficientnet_lite0(*, pretrained: bool = True, num_classes: int = 1000, seed: int = 0) -> EfficientNetLite0:
     """Build EfficientNet-Lite0, with the packaged ImageNet weights when `pretrained`.
 
@@ -159,8 +169,7 @@ def efficientnet_lite0(*, pretrained: bool = True, num_classes: int = 1000, seed
     """
     model = EfficientNetLite0(num_classes=1000)
     if pretrained:
-        state = torch.load(weights_path(), map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(_pretrained_state(), strict=True)
     if num_classes != 1000:
         generator = torch.Generator().manual_seed(seed)
         fc = nn.Linear(NUM_FEATURES, num_classes)
