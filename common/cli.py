@@ -94,6 +94,41 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from server.bench import run_bench
+
+    console = Console()
+    data = args.data or DEFAULT_DATA
+    if args.data is None and not data.is_dir():
+        make_synthetic(data)
+    results = run_bench(data, args.out, simulate=not args.no_simulate,
+                        progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    table = Table(title=f"fedrad bench · {results['site']} ({results['n_train']} training images, "
+                        f"{results['image_px']} px, freeze-blocks {results['freeze_blocks']})")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in results.items():
+        if key == "bytes_per_round":
+            for name, n in value.items():
+                table.add_row(f"bytes_per_round · {name}", f"{n:,}")
+        elif isinstance(value, float):
+            table.add_row(key, f"{value:,.3f}")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            table.add_row(key, f"{value:,}")
+    console.print(table)
+    console.print(f"written: {args.out / 'bench.json'}")
+    return 0
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from client.gpu_bench import main as gpu_main
+
+    return gpu_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedrad", description="Federated transfer learning for medical imaging (Flower + PyTorch).",
@@ -127,6 +162,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override [tool.flwr.app.config] keys, e.g. \"freeze-blocks=12 lr-max=0.001\"")
     p.add_argument("--cpus", type=int, default=None, help="CPU cores the simulation may use (default: all)")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("bench", help="measure cached vs uncached epochs, bytes per round, simulation time/memory",
+                       description="Writes OUT/bench.json and prints a table: epoch_seconds_uncached, "
+                                   "epoch_seconds_cached, images_per_second, bytes_per_round per strategy, "
+                                   "full_model_bytes, simulate_wall_seconds, simulate_peak_rss_mb.",
+                       epilog="example: fedrad bench --out runs/bench")
+    p.add_argument("--data", type=Path, default=None, help=f"site folders (default: {DEFAULT_DATA})")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where bench.json goes (default: runs/bench)")
+    p.add_argument("--no-simulate", action="store_true", help="skip the (minute-long) default simulation")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bench-gpu", help="GPU benchmark: local-training images/s vs bare forward+backward images/s",
+                       description="On one NVIDIA GPU (bf16, channels-last): images/s of fedrad's local training "
+                                   "on cached prefix features beside the bare forward+backward of the same "
+                                   "trainable part at the same batch size, and of full fine-tuning. Runs on the "
+                                   "CPU too (slowly) with --device cpu.",
+                       epilog="example: fedrad bench-gpu --image-size 224 --batch-size 256 --out runs/gpu")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--images", type=int, default=4096, help="training images in the synthetic cache")
+    p.add_argument("--freeze-blocks", type=int, default=14)
+    p.add_argument("--steps", type=int, default=30, help="timed steps of the bare loops")
+    p.add_argument("--out", type=Path, default=Path("runs/gpu"))
+    p.set_defaults(func=cmd_bench_gpu)
     return parser
 
 

@@ -40,7 +40,7 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, cpus_per_site: floa
         num_supernodes=len(sites),
         backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
                         "init_args": {"num_cpus": num_cpus, "num_gpus": 0, "logging_level": "ERROR",
-                                      "log_to_driver": True}},
+                                      "log_to_driver": True, "include_dashboard": False}},
     )
     if not report_path.is_file():
         raise RuntimeError(f"The simulation ended without a report at {report_path}; see the log above for the "
