@@ -34,7 +34,7 @@ class RunConfig:
     lr_max: float = 0.003  # learning rate of the classifier
     lr_decay: float = 0.5  # gamma: each level below the classifier gets gamma times the rate above
     local_epochs: int = 2
-    augment: str = "dihedral"  # dihedral: random flips/90-degree rotations (8 exact views); none
+    augment: str = "none"  # dihedral: random flips/90-degree rotations (8 exact views, 8 cached prefixes); none
     feature_cache: bool = True  # compute the frozen prefix once per image (and view), reuse every epoch/round
     prefix_bn: str = "pretrained"  # BN of the frozen prefix: ImageNet statistics, or re-estimated on the site's images
     cache_memory_mb: int = 512  # in-memory layer of the feature cache (per site process); 0 = disk only
