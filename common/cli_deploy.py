@@ -84,7 +84,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from server.provision import CertsLayout
 
     write_connection(args.superlink, CertsLayout(args.certs).coordinator_ca)
-    argv = submit_command(args.out, overrides=args.run_config, rounds=args.rounds, stream=args.stream)
+    argv = submit_command(args.out, overrides=args.run_config, rounds=args.rounds, stream=args.stream,
+                          **({"app_dir": args.app} if args.app is not None else {}))
     log.info("submitting: %s", show(argv))
     return subprocess.run(argv, env=flower_env(), check=False).returncode
 
@@ -169,4 +170,5 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
                    help="override [tool.flwr.app.config] keys")
     p.add_argument("--stream", action="store_true", help="stay attached and stream the run's log until it ends")
+    p.add_argument("--app", type=Path, default=None, help="the Flower app folder to run (default: this fedrad project)")
     p.set_defaults(func=cmd_submit)

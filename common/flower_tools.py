@@ -19,10 +19,18 @@ QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
 def flower_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The current environment with telemetry and the update check off (not overridable)."""
+    """The current environment with telemetry and the update check off (not overridable).
+
+    This interpreter's bin folder goes first on PATH: the SuperLink and SuperNode start
+    their helpers (`flower-superexec`, `flwr-serverapp`, `flwr-clientapp`) by name.
+    """
     env = dict(os.environ)
     env.update(extra or {})
     env.update(QUIET_ENV)
+    bin_dir = str(Path(sys.executable).parent)
+    path = env.get("PATH", "")
+    if bin_dir not in path.split(os.pathsep):
+        env["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
     return env
 
 

@@ -116,9 +116,11 @@ def register_sites(layout: CertsLayout, sites: Sequence[str] = (), *, connection
                    ) -> list[Registration]:
     """Register each site's public key with the SuperLink (all sites under `layout` by default).
 
-    The node id Flower assigns is kept in `site-keys/registered.json` with the key it
-    belongs to: a site whose key was rotated (`fedrad provision --rotate`) has its old node
-    unregistered before the new key is registered, so the old key stops working.
+    Always asks the SuperLink (its database is the truth: "already in use" means already
+    registered). The node id Flower assigns is also noted in `site-keys/registered.json`
+    with the key it belongs to: a site whose key was rotated (`fedrad provision --rotate`)
+    has its old node unregistered before the new key is registered, so the old key stops
+    working.
     """
     sites = list(sites) or layout.sites()
     if not sites:
@@ -132,11 +134,8 @@ def register_sites(layout: CertsLayout, sites: Sequence[str] = (), *, connection
             raise FileNotFoundError(f"{pub} is missing: provision site {site} first (`fedrad provision --site {site}`).")
         key = pub.read_text().strip()
         known = registry.get(site)
-        if known and known["public_key"] == key:
-            out.append(Registration(site, known["node_id"], "already registered"))
-            continue
         action = "registered"
-        if known:  # rotated: the old key must stop working before the new one is admitted
+        if known and known["public_key"] != key:  # rotated: the old key must stop working first
             gone = run_flwr(["supernode", "unregister", str(known["node_id"]), connection])
             if gone.returncode != 0:
                 log.warning("site %s: unregistering its old node %s failed (%s); registering the new key anyway",
@@ -146,8 +145,8 @@ def register_sites(layout: CertsLayout, sites: Sequence[str] = (), *, connection
         result = _json_of(proc)
         if not result.get("success"):
             message = str(result.get("error-message", proc.stderr)).strip()
-            if "already in use" in message:  # registered earlier without our registry (e.g. by hand)
-                out.append(Registration(site, None, "already registered"))
+            if "already in use" in message:  # this SuperLink knows the key already
+                out.append(Registration(site, known["node_id"] if known else None, "already registered"))
                 continue
             raise RuntimeError(f"Registering site {site} ({pub}) failed: {message}")
         node_id = int(result["node-id"])

@@ -39,6 +39,9 @@ def _exchange(grid: Grid, strategy: FedRad, messages: list[Message], server_roun
     makes for it once its heartbeats stop (Node Unavailable). Both are recorded here; the
     strategy sees only what the sites themselves sent.
     """
+    for node in grid.get_nodes():  # registered names (deployment), so a site lost in its first round is named
+        if getattr(node, "name", ""):
+            strategy.node_names.setdefault(node.node_id, node.name)
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
     answered, kept = set(), []
