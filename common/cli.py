@@ -2,6 +2,7 @@
 
     fedrad synth --out data/synthetic          # built-in multi-center DICOM data
     fedrad simulate --out runs/demo            # federated run in Flower's Simulation Engine
+    fedrad provision | coordinator | register | site | submit   # a real deployment (common/cli_deploy.py)
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from common.cli_deploy import add_deploy_commands
 
 DEFAULT_DATA = Path("data/synthetic")
 # Before torch loads OpenMP: waiting threads sleep rather than spin (on a busy 2-core
@@ -82,7 +85,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         changes["num_server_rounds"] = args.rounds
     cfg = cfg.replace(**changes)
-    report = simulate(cfg, num_cpus=args.cpus)
+    report = simulate(cfg, num_cpus=args.cpus, resume=args.resume)
     table = Table(title=f"fedrad simulate · {report['strategy']} · {report['rounds']} rounds · "
                         f"{report['simulate_wall_seconds']:.0f} s")
     for col in ("site", "n train", "n test", "AUC", "bal. acc.", "ECE", "bytes/round"):
@@ -165,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
                    help="override [tool.flwr.app.config] keys, e.g. \"freeze-blocks=12 lr-max=0.001\"")
     p.add_argument("--cpus", type=int, default=None, help="CPU cores the simulation may use (default: all)")
+    p.add_argument("--resume", action="store_true", help="go on from OUT's checkpoint instead of round 1")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("bench", help="measure cached vs uncached epochs, bytes per round, simulation time/memory",
@@ -191,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="timed steps of the bare loops")
     p.add_argument("--out", type=Path, default=Path("runs/gpu"))
     p.set_defaults(func=cmd_bench_gpu)
+    add_deploy_commands(sub)
     return parser
 
 
@@ -199,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as err:
         logging.getLogger("fedrad").error("%s", err)
         return 2
 

@@ -46,6 +46,7 @@ class RunConfig:
     seed: int = 0
     min_sites: int = 2  # a round needs at least this many sites to reply
     round_timeout: float = 3600.0  # seconds the coordinator waits for replies in a round
+    norm_outlier_factor: float = 10.0  # reject an update > this x the others' median distance from the global (0 = off)
     data_dir: str = ""  # simulation only: folder with one sub-folder per site
     out_dir: str = "runs/latest"  # where the coordinator writes report.json / report.md
     work_dir: str = ""  # simulation only: root of the sites' work folders ("" = <out-dir>/sites)
@@ -68,6 +69,7 @@ class RunConfig:
             (self.fov_mm >= 8 * self.spacing_mm, "fov-mm must be at least 8 pixels of spacing-mm"),
             (self.min_sites >= 1, "min-sites must be >= 1"),
             (self.round_timeout > 0, "round-timeout must be > 0"),
+            (self.norm_outlier_factor == 0 or self.norm_outlier_factor > 1, "norm-outlier-factor must be 0 (off) or > 1"),
         ]
         for ok, message in checks:
             if not ok:

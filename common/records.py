@@ -19,6 +19,9 @@ CONFIG = "config"  # run config (coordinator -> site)
 METRICS = "metrics"  # aggregates a site reports (counts, loss, AUC, ...)
 SITE = "site"  # who is replying: {"name": site folder name}
 
+# Keys of the config record (coordinator -> site) that are not run config.
+FEDERATION_ID = "federation-id"  # one id per experiment, kept across coordinator restarts; names a site's local state
+
 # Metric keys a site may send.
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
 TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds")

@@ -5,6 +5,9 @@ and `summary`. Sending is FedAvg's own (the same shared arrays and run config to
 site). What it adds:
 - every update is validated (keys, shapes, dtype, finiteness) and a bad one is rejected
   and logged with the site's name, never averaged;
+- an update whose distance from the global model it started from is more than
+  `norm_outlier_factor` times the other updates' median distance is rejected too (a scaled
+  or runaway update; the rule assumes most sites are honest);
 - the mean is sample-weighted over exactly the shared keys: BatchNorm never reaches the
   coordinator in FedBN mode, so it cannot be touched here;
 - per site and per round it records the metrics the site reported and the bytes its
@@ -19,11 +22,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.records import ARRAYS, METRICS, NUM_EXAMPLES, SITE, from_numpy, payload_bytes, to_numpy
-from server.aggregate import ArraySpec, UpdateRejected, validate_update, weighted_average
+from server.aggregate import (ArraySpec, UpdateRejected, norm_outliers, update_distance, validate_update,
+                              weighted_average)
 
 log = logging.getLogger("fedrad.coordinator")
 
@@ -48,7 +53,7 @@ def site_name(msg: Message) -> str:
 class FedRad(FedAvg):
     """Sample-weighted FedAvg of the shared arrays; BN and everything else stays at the sites."""
 
-    def __init__(self, *, expected: dict[str, ArraySpec], min_sites: int = 2,
+    def __init__(self, *, expected: dict[str, ArraySpec], min_sites: int = 2, norm_outlier_factor: float = 0.0,
                  on_round: Callable[[int, dict[str, SiteLog]], None] | None = None) -> None:
         super().__init__(min_train_nodes=min_sites, min_evaluate_nodes=min_sites, min_available_nodes=min_sites,
                          weighted_by_key=NUM_EXAMPLES)
@@ -58,11 +63,19 @@ class FedRad(FedAvg):
         self.rejected: list[tuple[int, str, str]] = []  # (round, site, reason)
         self.failed: list[tuple[int, str, str]] = []
         self.on_round = on_round
+        self.norm_outlier_factor = norm_outlier_factor
+        self.reference: dict[str, np.ndarray] | None = None  # the global model this round's updates started from
+        self.node_names: dict[int, str] = {}  # node id -> site name, learnt from replies
 
     def summary(self) -> None:
         n_values = sum(math.prod(s.shape) for s in self.expected.values())
         log.info("FedRad: averaging %d shared tensors (%d values), min %d sites per round",
                  len(self.expected), n_values, self.min_sites)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.reference = to_numpy(arrays)  # the yardstick of the norm-outlier rule
+        return super().configure_train(server_round, arrays, config, grid)
 
     def _site(self, name: str) -> SiteLog:
         return self.sites.setdefault(name, SiteLog(name))
@@ -75,13 +88,34 @@ class FedRad(FedAvg):
                 self.failed.append((server_round, f"node-{msg.metadata.src_node_id}", reason))
                 log.warning("round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, reason)
             else:
+                self.node_names[msg.metadata.src_node_id] = site_name(msg)
                 ok.append(msg)
         return ok
+
+    def _reject(self, server_round: int, name: str, reason: str) -> None:
+        self.rejected.append((server_round, name, reason))
+        log.warning("round %d: rejected update: %s", server_round, reason)
+
+    def _drop_norm_outliers(self, server_round: int, candidates: list[tuple[str, dict[str, np.ndarray], Message]]
+                            ) -> list[tuple[str, dict[str, np.ndarray], Message]]:
+        if self.reference is None or self.norm_outlier_factor <= 0:
+            return candidates
+        distances = [update_distance(arrays, self.reference) for _, arrays, _ in candidates]
+        kept = []
+        for (name, arrays, msg), dist, median in zip(candidates, distances,
+                                                     norm_outliers(distances, self.norm_outlier_factor)):
+            if median is None:
+                kept.append((name, arrays, msg))
+            else:
+                self._reject(server_round, name, f"site {name}: update is {dist:.3g} from the global model, more than "
+                             f"{self.norm_outlier_factor:g} x the other sites' median {median:.3g} (norm-outlier-factor).")
+        return kept
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                        MetricRecord | None]:
         accepted: list[tuple[dict[str, np.ndarray], float]] = []
         losses = []
+        candidates = []
         for msg in self._ok_replies(server_round, replies):
             name = site_name(msg)
             try:
@@ -91,9 +125,11 @@ class FedRad(FedAvg):
                 metrics = dict(msg.content[METRICS])  # type: ignore[arg-type]
                 validate_update(name, arrays, metrics.get(NUM_EXAMPLES), self.expected)
             except (UpdateRejected, TypeError, ValueError) as err:
-                self.rejected.append((server_round, name, str(err)))
-                log.warning("round %d: rejected update: %s", server_round, err)
+                self._reject(server_round, name, str(err))
                 continue
+            candidates.append((name, arrays, msg))
+        for name, arrays, msg in self._drop_norm_outliers(server_round, candidates):
+            metrics = dict(msg.content[METRICS])  # type: ignore[arg-type]
             site = self._site(name)
             site.train[server_round] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
             site.bytes_sent[server_round] = payload_bytes(msg.content)
