@@ -69,7 +69,8 @@ class RunConfig:
             (self.fov_mm >= 8 * self.spacing_mm, "fov-mm must be at least 8 pixels of spacing-mm"),
             (self.min_sites >= 1, "min-sites must be >= 1"),
             (self.round_timeout > 0, "round-timeout must be > 0"),
-            (self.norm_outlier_factor == 0 or self.norm_outlier_factor > 1, "norm-outlier-factor must be 0 (off) or > 1"),
+            (self.norm_outlier_factor == 0 or self.norm_outlier_factor > 1,
+             "norm-outlier-factor must be 0 (off) or > 1"),
         ]
         for ok, message in checks:
             if not ok:

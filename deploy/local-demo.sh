@@ -21,6 +21,7 @@ SITES=(site-a site-b site-c)
 mkdir -p "$DEMO/logs"
 DEMO="$(cd "$DEMO" && pwd)"
 
+cd "$ROOT"   # `python -m` puts the working directory first on sys.path: run this checkout's fedrad
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 NO_COLOR=1 COLUMNS=160
 export FLWR_HOME="$DEMO/cli-home"   # the operator's flwr CLI config (the `fedrad` connection)
@@ -59,7 +60,9 @@ say "2/6 provision: CA, coordinator certificate, one bundle per site -> $DEMO/ce
 fedrad provision --certs "$DEMO/certs" --port "$PORT" $(printf -- '--site %s ' "${SITES[@]}")
 
 say "3/6 coordinator on $ADDRESS (log: $DEMO/logs/coordinator.log)"
-fedrad coordinator --certs "$DEMO/certs" --state "$DEMO/coordinator" --port "$PORT" \
+# Daemons are started directly (not through the shell function) so that $! is the PID of the
+# process that becomes flower-superlink / flower-supernode (fedrad execs into them).
+"$PY" -m common.cli coordinator --certs "$DEMO/certs" --state "$DEMO/coordinator" --port "$PORT" \
   >"$DEMO/logs/coordinator.log" 2>&1 &
 PIDS+=($!)
 "$PY" - "$PORT" "${PIDS[0]}" <<'EOF'
@@ -82,7 +85,7 @@ fedrad register --certs "$DEMO/certs" --superlink "$ADDRESS"
 
 say "5/6 site daemons (logs: $DEMO/logs/<site>.log)"
 for site in "${SITES[@]}"; do
-  fedrad site --bundle "$DEMO/certs/sites/$site" --data "$DEMO/data/$site" --work "$DEMO/work/$site" \
+  "$PY" -m common.cli site --bundle "$DEMO/certs/sites/$site" --data "$DEMO/data/$site" --work "$DEMO/work/$site" \
     --superlink "$ADDRESS" --port "$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" \
     --threads 1 >"$DEMO/logs/$site.log" 2>&1 &
   PIDS+=($!)
@@ -126,6 +129,7 @@ while not (out / "report.json").is_file():
             seen = done
             print(f"  round {done}/{rounds} finished and checkpointed", flush=True)
     time.sleep(2)
+print(f"  all {rounds} rounds finished; report written")
 EOF
 echo "run took $(( $(date +%s) - START )) s"
 cat "$DEMO/run/report.md"

@@ -60,6 +60,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
                           full_model_bytes=full_model_bytes,
                           shared_payload_bytes=sum(a.nbytes for a in to_numpy(initial).values()),
                           rejected=strategy.rejected, failed=strategy.failed)
+    report["round_seconds"] = {str(r): s for r, s in sorted(checkpoints.round_seconds.items())}
     path = write_report(report, Path(cfg.out_dir))
     log.info("report written to %s", path)
     return report

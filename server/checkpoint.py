@@ -61,6 +61,7 @@ class Checkpoint:
     rejected: list[tuple[int, str, str]] = field(default_factory=list)
     failed: list[tuple[int, str, str]] = field(default_factory=list)
     wall_seconds: float = 0.0
+    round_seconds: dict[int, float] = field(default_factory=dict)  # coordinator wall time of each round
 
 
 def _site_to_json(site: SiteLog) -> dict[str, Any]:
@@ -79,7 +80,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
             "federation_id": ckpt.federation_id, "run_config": ckpt.run_config,
             "sites": {n: _site_to_json(s) for n, s in ckpt.sites.items()},
             "rejected": [list(e) for e in ckpt.rejected], "failed": [list(e) for e in ckpt.failed],
-            "wall_seconds": ckpt.wall_seconds, "keys": list(ckpt.arrays)}
+            "wall_seconds": ckpt.wall_seconds, "round_seconds": ckpt.round_seconds, "keys": list(ckpt.arrays)}
     text = json.dumps(meta, allow_nan=True)  # an undefined metric (AUC of a one-class split) stays NaN
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -113,7 +114,8 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
     return Checkpoint(round=int(meta["round"]), fingerprint=meta["fingerprint"],
                       federation_id=meta["federation_id"], run_config=meta["run_config"], arrays=arrays,
                       sites=sites, rejected=[tuple(e) for e in meta["rejected"]],  # type: ignore[misc]
-                      failed=[tuple(e) for e in meta["failed"]], wall_seconds=float(meta["wall_seconds"]))
+                      failed=[tuple(e) for e in meta["failed"]], wall_seconds=float(meta["wall_seconds"]),
+                      round_seconds={int(r): float(s) for r, s in meta.get("round_seconds", {}).items()})
 
 
 def resume_point(path: Path, run_config: dict[str, Any]) -> Checkpoint | None:
@@ -143,7 +145,8 @@ class Checkpointer:
         self.federation_id = self.found.federation_id if self.found else uuid.uuid4().hex[:16]
         self.done = self.found.round if self.found else 0  # rounds finished before this session
         self.previous_seconds = self.found.wall_seconds if self.found else 0.0
-        self.started = time.perf_counter()
+        self.round_seconds = dict(self.found.round_seconds) if self.found else {}
+        self.started = self._mark = time.perf_counter()
 
     def restore(self, strategy: FedRad, initial: ArrayRecord) -> ArrayRecord:
         """The global arrays to go on from (the checkpoint's, else `initial`); refills the strategy's logs."""
@@ -164,8 +167,11 @@ class Checkpointer:
         return self.previous_seconds + time.perf_counter() - self.started
 
     def save(self, server_round: int, arrays: ArrayRecord, strategy: FedRad) -> None:
+        now = time.perf_counter()
+        self.round_seconds[server_round] = round(now - self._mark, 2)  # since the previous round (or the start)
+        self._mark = now
         save_checkpoint(self.path, Checkpoint(
             round=server_round, fingerprint=fingerprint(self.run_config), federation_id=self.federation_id,
             run_config=self.run_config, arrays=to_numpy(arrays), sites=strategy.sites, rejected=strategy.rejected,
-            failed=strategy.failed, wall_seconds=self.wall_seconds()))
+            failed=strategy.failed, wall_seconds=self.wall_seconds(), round_seconds=self.round_seconds))
         log.info("round %d checkpointed to %s", server_round, self.path)

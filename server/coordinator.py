@@ -131,7 +131,8 @@ def register_sites(layout: CertsLayout, sites: Sequence[str] = (), *, connection
     for site in sites:
         pub = layout.site_pub(check_site_name(site))
         if not pub.is_file():
-            raise FileNotFoundError(f"{pub} is missing: provision site {site} first (`fedrad provision --site {site}`).")
+            raise FileNotFoundError(f"{pub} is missing: provision site {site} first "
+                                    f"(`fedrad provision --site {site}`).")
         key = pub.read_text().strip()
         known = registry.get(site)
         action = "registered"

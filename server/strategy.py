@@ -107,8 +107,9 @@ class FedRad(FedAvg):
             if median is None:
                 kept.append((name, arrays, msg))
             else:
-                self._reject(server_round, name, f"site {name}: update is {dist:.3g} from the global model, more than "
-                             f"{self.norm_outlier_factor:g} x the other sites' median {median:.3g} (norm-outlier-factor).")
+                self._reject(server_round, name, f"site {name}: update is {dist:.3g} from the global model, "
+                             f"more than {self.norm_outlier_factor:g} x the other sites' median {median:.3g} "
+                             "(norm-outlier-factor).")
         return kept
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,

@@ -20,7 +20,7 @@ def sample(round_=2, run_config=None):
     return Checkpoint(round=round_, fingerprint="f", federation_id="fed1",
                       run_config=run_config or RunConfig().to_run_config(), arrays=ARRAYS, sites={"a": site},
                       rejected=[(1, "b", "site b: 'x' contains NaN or Inf.")], failed=[(1, "c", "no reply")],
-                      wall_seconds=12.5)
+                      wall_seconds=12.5, round_seconds={1: 4.5, 2: 3.25})
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -28,6 +28,7 @@ def test_round_trip_is_exact(tmp_path):
     save_checkpoint(path, sample())
     back = load_checkpoint(path)
     assert back.round == 2 and back.federation_id == "fed1" and back.wall_seconds == 12.5
+    assert back.round_seconds == {1: 4.5, 2: 3.25}
     for key, value in ARRAYS.items():
         np.testing.assert_array_equal(back.arrays[key], value)
         assert back.arrays[key].dtype == value.dtype
@@ -64,7 +65,7 @@ def test_resume_restores_the_strategy_and_refuses_another_experiment(tmp_path):
     again = Checkpointer(path, cfg.replace(num_server_rounds=9, round_timeout=5.0).to_run_config())
     fresh = FedRad(expected=spec_of(ARRAYS))
     arrays = again.restore(fresh, from_numpy({k: np.zeros_like(v) for k, v in ARRAYS.items()}))
-    assert again.done == 3 and again.federation_id == first.federation_id
+    assert again.done == 3 and again.federation_id == first.federation_id and set(again.round_seconds) == {3}
     assert fresh.sites["a"].bytes_sent == {1: 1234}
     np.testing.assert_array_equal(arrays["_fc.weight"].numpy(), ARRAYS["_fc.weight"])
     # ... another learning rate is not

@@ -37,7 +37,8 @@ def test_superlink_without_provisioning_says_what_to_run(tmp_path):
 
 def test_connection_is_added_and_updated_without_touching_others(tmp_path, monkeypatch, certs):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
-    (tmp_path / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\noptions.num-supernodes = 4\n')
+    (tmp_path / "config.toml").write_text('[superlink]\ndefault = "local"\n\n'
+                                          '[superlink.local]\noptions.num-supernodes = 4\n')
     write_connection("127.0.0.1:8000", certs / "coordinator" / "ca.crt")
     write_connection("coord:9443", certs / "coordinator" / "ca.crt")
     doc = tomllib.loads((tmp_path / "config.toml").read_text())
