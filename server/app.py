@@ -42,6 +42,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     After every round the state is checkpointed under `cfg.out_dir`; a coordinator started
     again on the same out-dir and experiment goes on after the last finished round.
     """
+    checkpoints = Checkpointer(checkpoint_path(cfg.out_dir), cfg.to_run_config())  # also starts the clock
     model = build_model(cfg)
     state = model.state_dict()
     keys = shared_keys(model, cfg.bn_mode)
@@ -49,7 +50,6 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     full_model_bytes = payload_bytes(RecordDict({ARRAYS: to_array_record(state, list(state))}))
     strategy = FedRad(expected=spec_of(to_numpy(initial)), min_sites=cfg.min_sites,
                       norm_outlier_factor=cfg.norm_outlier_factor, on_round=log_round)
-    checkpoints = Checkpointer(checkpoint_path(cfg.out_dir), cfg.to_run_config())
     arrays = checkpoints.restore(strategy, initial)
     run_config = ConfigRecord({**cfg.to_run_config(), FEDERATION_ID: checkpoints.federation_id})
     strategy.summary()
