@@ -18,10 +18,12 @@ ARRAYS = "arrays"  # the shared weights (coordinator -> site and back)
 CONFIG = "config"  # run config (coordinator -> site)
 METRICS = "metrics"  # aggregates a site reports (counts, loss, AUC, ...)
 SITE = "site"  # who is replying: {"name": site folder name}
+BN_STATS = "bn-stats"  # site -> coordinator: per-channel BN running mean/var of the adapted layers
 
 # Metric keys a site may send.
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
-TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds")
+BN_SAMPLES = "bn-samples"  # images the site's BN statistics were estimated on (the registry's weight)
+TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds", BN_SAMPLES)
 EVAL_METRICS = (NUM_EXAMPLES, "auc", "balanced-accuracy", "ece", "test-loss")
 
 # A description of a RecordDict: record name -> (kind, {key: shape tuple or value type name}).

@@ -8,6 +8,7 @@ the same federation with `build_server_app(cfg)` because Flower's in-process
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from flwr.serverapp import Grid, ServerApp
 from client.train import build_model
 from common.config import RunConfig
 from common.finetune import shared_keys
+from common.finetune import site_bn_stat_keys
 from common.records import ARRAYS, payload_bytes, to_array_record, to_numpy
 from server.aggregate import spec_of
+from server.global_model import save_global_model
 from server.report import build_report, write_report
 from server.strategy import FedRad, SiteLog
 
@@ -43,14 +46,26 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     keys = shared_keys(model, cfg.bn_mode)
     initial = to_array_record(state, keys)
     full_model_bytes = payload_bytes(RecordDict({ARRAYS: to_array_record(state, list(state))}))
-    strategy = FedRad(expected=spec_of(to_numpy(initial)), min_sites=cfg.min_sites, on_round=log_round)
+    bn_expected = spec_of(to_numpy(to_array_record(state, site_bn_stat_keys(model))))
+
+    def end_of_round(server_round: int, sites: dict[str, SiteLog]) -> None:
+        log_round(server_round, sites)
+        save_global_model(Path(cfg.out_dir), server_round=server_round,
+                          shared=to_numpy(initial if strategy.global_arrays is None else strategy.global_arrays),
+                          registry=strategy.bn_registry,
+                          config=cfg.to_run_config())
+
+    strategy = FedRad(expected=spec_of(to_numpy(initial)), min_sites=cfg.min_sites, on_round=end_of_round,
+                      bn_expected=bn_expected)
     run_config = ConfigRecord(cfg.to_run_config())
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds,
                    timeout=cfg.round_timeout, train_config=run_config, evaluate_config=ConfigRecord(run_config))
     report = build_report(cfg, strategy.sites, wall_seconds=time.perf_counter() - start,
                           full_model_bytes=full_model_bytes,
-                          shared_payload_bytes=sum(a.nbytes for a in to_numpy(initial).values()),
+                          shared_payload_bytes=sum(a.nbytes for a in to_numpy(initial).values())
+                          + sum(math.prod(s.shape) * s.dtype.itemsize for s in bn_expected.values()),
                           rejected=strategy.rejected, failed=strategy.failed)
+    report["bn_registry"] = strategy.bn_registry.summary()  # per site: round, image count (stats: global.npz)
     path = write_report(report, Path(cfg.out_dir))
     log.info("report written to %s", path)
     return report
