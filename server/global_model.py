@@ -41,6 +41,10 @@ class GlobalModel:
     bn_pooled: dict[str, np.ndarray]
     registry: BNRegistry = field(default_factory=BNRegistry)
 
+    def site_weights(self) -> dict[str, np.ndarray]:
+        """What a site never seen in training loads: the shared weights and the pooled BN statistics."""
+        return {**self.shared, **self.bn_pooled}
+
 
 def _atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
