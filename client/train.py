@@ -54,6 +54,7 @@ def fit(model: EfficientNetLite0, x: np.ndarray, y: np.ndarray, cfg: RunConfig, 
     if n < 2:
         raise ValueError(f"A site needs at least 2 labelled training images to train; got {n}.")
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout draws from torch's global generator: seed it too, so runs repeat exactly
     optimizer = make_optimizer(model, param_groups(model, lr_max=cfg.lr_max, lr_decay=cfg.lr_decay),
                                cfg.weight_decay)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y).long()
