@@ -2,6 +2,7 @@
 
     fedrad synth --out data/synthetic          # built-in multi-center DICOM data
     fedrad simulate --out runs/demo            # federated run in Flower's Simulation Engine
+    fedrad compare --out runs/compare          # every strategy side by side (server/compare_cli.py)
 """
 
 from __future__ import annotations
@@ -127,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override [tool.flwr.app.config] keys, e.g. \"freeze-blocks=12 lr-max=0.001\"")
     p.add_argument("--cpus", type=int, default=None, help="CPU cores the simulation may use (default: all)")
     p.set_defaults(func=cmd_simulate)
+
+    from server.compare_cli import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 
