@@ -141,6 +141,7 @@ def _federate(engine: str) -> Callable[[RunConfig], dict[str, Any]]:
 
 def init_worker(threads: int) -> None:
     """Quiet, single-purpose worker: torch threads set once, Flower's INFO log off."""
+    import flwr.common.logger  # noqa: F401 - sets Flower's own level on import; ours must come after
     import torch
 
     torch.set_num_threads(threads)
@@ -150,7 +151,17 @@ def init_worker(threads: int) -> None:
 
 
 def run_job(job: Job) -> dict[str, Any]:
-    """Run one job; return its result row (see `server.compare_report`)."""
+    """Run one job; return its result row (see `server.compare_report`) with the CPU seconds it took.
+
+    CPU seconds are what the job would take alone on an idle core (each worker is
+    single-threaded), a figure that, unlike wall time, does not depend on what else runs.
+    """
+    cpu = time.process_time()
+    result = _run_job(job)
+    return {**result, "cpu_seconds": round(time.process_time() - cpu, 1)}
+
+
+def _run_job(job: Job) -> dict[str, Any]:
     from server.centralised import run_local, run_pooled
 
     cfg = RunConfig.from_run_config(job.config)
