@@ -1,8 +1,9 @@
 """fedrad ClientApp: one hospital site. Wiring only: read the message, call `client/` and `common/`.
 
 Per message the site (1) reads its own DICOM folder, (2) builds the pretrained model and
-loads the coordinator's shared weights plus its own BatchNorm from the node's state,
-(3) trains or evaluates, (4) keeps its BN, and (5) replies with the shared weights and
+loads the coordinator's shared weights plus its own BatchNorm (from the node's state, or
+from its own disk after a restart: `client.local_state`), (3) trains or evaluates, (4)
+keeps its BN in both places, and (5) replies with the shared weights and
 scalar aggregates only, after the egress whitelist has checked the reply.
 """
 
@@ -15,16 +16,19 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.dataset import SiteData, load_site
-from client.train import build_model, evaluate, fit
+from client.dataset import SiteData, load_site_cached
+from client.features import SiteInputs, site_inputs
+from client.local_state import LocalStateStore
+from client.train import build_model, fit, pick_device, predict_proba
 from common.config import RunConfig
 from common.efficientnet_lite import EfficientNetLite0
 from common.egress import EgressPolicy, check_egress
 from common.finetune import local_keys
 from common.finetune import site_bn_stat_keys
+from common.metrics import classification_metrics
 from common.preprocess import Preprocessor
-from common.records import (ARRAYS, CONFIG, EVAL_METRICS, METRICS, NUM_EXAMPLES, SITE, TRAIN_METRICS,
-                            describe, from_array_record, to_array_record)
+from common.records import (ARRAYS, CONFIG, EVAL_METRICS, FEDERATION_ID, METRICS, NUM_EXAMPLES, SITE,
+                            TRAIN_METRICS, describe, from_array_record, to_array_record)
 from common.records import BN_SAMPLES, BN_STATS
 from common.sites import discover_sites
 
@@ -53,20 +57,43 @@ def work_folder(context: Context, cfg: RunConfig, site: str) -> Path:
     return Path(cfg.work_dir or Path(cfg.out_dir) / "sites") / site
 
 
-def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, EfficientNetLite0]:
-    """Config from the message, the site's data, and the model with shared + local weights loaded."""
-    run_config = {k: v for k, v in msg.content[CONFIG].items() if k != "server-round"}
-    cfg = RunConfig.from_run_config(run_config)
-    data = load_site(site_folder(context, cfg), Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))
-    model = build_model(cfg)
-    state = from_array_record(msg.content[ARRAYS])
+def local_store(msg: Message, context: Context, cfg: RunConfig, site: str) -> LocalStateStore:
+    """This site's per-round BN files for the coordinator's experiment (federation id)."""
+    federation = str(msg.content[CONFIG].get(FEDERATION_ID, f"run-{context.run_id}"))
+    return LocalStateStore(work_folder(context, cfg, site), federation)
+
+
+def load_local_state(msg: Message, context: Context, cfg: RunConfig, site: str) -> dict | None:
+    """The site's own BN: from the node's memory (same run), else from its disk (restarted daemon or run)."""
     if LOCAL_STATE in context.state:
-        state.update(from_array_record(context.state[LOCAL_STATE]))  # type: ignore[arg-type]
+        return from_array_record(context.state[LOCAL_STATE])  # type: ignore[arg-type]
+    server_round = int(msg.content[CONFIG]["server-round"])
+    training = msg.metadata.message_type == "train"
+    found = local_store(msg, context, cfg, site).latest(server_round - 1 if training else server_round)
+    if found is not None:
+        log.info("site %s: BatchNorm of round %d restored from its work folder", site, found[0])
+    return None if found is None else found[1]
+
+
+def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, EfficientNetLite0, SiteInputs]:
+    """Config from the message, the site's data, the model with shared + local weights, its inputs."""
+    run_config = {k: v for k, v in msg.content[CONFIG].items() if k not in ("server-round", FEDERATION_ID)}
+    cfg = RunConfig.from_run_config(run_config)
+    data = load_site_cached(site_folder(context, cfg), Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))
+    if "site-name" in context.node_config:  # deployment: the name the site was provisioned under
+        data.name = str(context.node_config["site-name"])
+    device = pick_device(cfg.device)
+    model = build_model(cfg, device)
+    inputs = site_inputs(model, cfg, data, work_folder(context, cfg, data.name), device)
+    state = from_array_record(msg.content[ARRAYS])
+    local = load_local_state(msg, context, cfg, data.name)
+    if local is not None:
+        state.update(local)
     unexpected = model.load_state_dict(state, strict=False).unexpected_keys
     if unexpected:
         raise ValueError(f"site {data.name}: the coordinator sent weights this model does not have: {unexpected[:5]}; "
                          "coordinator and site must run the same fedrad version and config.")
-    return cfg, data, model
+    return cfg, data, model, inputs
 
 
 def reply(msg: Message, data: SiteData, arrays: ArrayRecord | None, metrics: dict[str, float],
@@ -99,12 +126,15 @@ def write_summary(context: Context, cfg: RunConfig, data: SiteData, extra: dict[
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, data, model = prepare(msg, context)
+    cfg, data, model, inputs = prepare(msg, context)
     server_round = int(msg.content[CONFIG]["server-round"])
-    stats = fit(model, data.x_train, data.y_train, cfg, seed=cfg.seed * 10_000 + server_round)
+    stats = fit(model, inputs.train, data.y_train, cfg, seed=cfg.seed * 10_000 + server_round,
+                device=pick_device(cfg.device))
     state = model.state_dict()
     context.state[LOCAL_STATE] = to_array_record(state, local_keys(model, cfg.bn_mode))
-    write_summary(context, cfg, data, {"round": server_round, **stats})
+    local_store(msg, context, cfg, data.name).save(server_round, {k: state[k] for k in local_keys(model, cfg.bn_mode)})
+    write_summary(context, cfg, data, {"round": server_round, **stats, "cache-hits": inputs.cache_hits,
+                                       "cache-misses": inputs.cache_misses})
     metrics = {NUM_EXAMPLES: len(data.y_train), "n-train": len(data.y_train), "n-test": len(data.y_test),
                "n-skipped": len(data.skipped), BN_SAMPLES: len(data.y_train), **stats}
     bn_keys = site_bn_stat_keys(model)  # the BN layers fit() re-estimated on this site's training images
@@ -115,6 +145,6 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_(msg: Message, context: Context) -> Message:
-    _, data, model = prepare(msg, context)
-    metrics = evaluate(model, data.x_test, data.y_test)
+    cfg, data, model, inputs = prepare(msg, context)
+    metrics = classification_metrics(data.y_test, predict_proba(model, inputs.test, device=pick_device(cfg.device)))
     return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics})

@@ -25,7 +25,9 @@ the rest loads. Only a missing or unusable labels.csv is fatal
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +74,9 @@ class SiteData:
         x_unlabelled: (M, 3, S, S) float32; rows with an empty label.
         spacings_mm: (K, 2) float64 (row, col) spacing in mm of every image read.
         skipped: Rows/files left out, in labels.csv order.
+        keys_train, keys_test, keys_unlabelled: one content key per image (a hash of the
+            file's bytes and its ROI), in array order: what the feature cache is keyed by,
+            so a changed file or ROI is never served stale features.
     """
 
     name: str
@@ -82,6 +87,9 @@ class SiteData:
     x_unlabelled: np.ndarray
     spacings_mm: np.ndarray
     skipped: list[Skipped] = field(default_factory=list)
+    keys_train: tuple[str, ...] = ()
+    keys_test: tuple[str, ...] = ()
+    keys_unlabelled: tuple[str, ...] = ()
 
     def summary(self) -> dict:
         """JSON-ready counts (no pixel data) for logs and the server."""
@@ -132,8 +140,8 @@ def load_site(
     skipped: list[Skipped] = []
     rows = _read_labels(site_dir / "labels.csv", skipped)
     size = preprocessor.size
-    buckets: dict[str, tuple[list[np.ndarray], list[int]]] = {
-        "train": ([], []), "test": ([], []), "unlabelled": ([], []),
+    buckets: dict[str, tuple[list[np.ndarray], list[int], list[str]]] = {
+        "train": ([], [], []), "test": ([], [], []), "unlabelled": ([], [], []),
     }
     spacings: list[tuple[float, float]] = []
     for done, row in enumerate(rows, start=1):
@@ -147,11 +155,12 @@ def load_site(
             bucket = "unlabelled" if row.label is None else row.split
             buckets[bucket][0].append(preprocessor(image, center))
             buckets[bucket][1].append(-1 if row.label is None else row.label)
+            buckets[bucket][2].append(image_key(site_dir.joinpath(*row.rel.parts), row.roi_xy))
         if on_progress is not None:
             on_progress(done, len(rows))
 
     def stack(key: str) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = buckets[key]
+        xs, ys, _ = buckets[key]
         x = np.stack(xs).astype(np.float32, copy=False) if xs else np.zeros((0, 3, size, size), np.float32)
         return x, np.asarray(ys, dtype=np.int64).reshape(-1)
 
@@ -165,7 +174,17 @@ def load_site(
         x_unlabelled=x_unlabelled,
         spacings_mm=np.asarray(spacings, dtype=np.float64).reshape(-1, 2),
         skipped=skipped,
+        keys_train=tuple(buckets["train"][2]),
+        keys_test=tuple(buckets["test"][2]),
+        keys_unlabelled=tuple(buckets["unlabelled"][2]),
     )
+
+
+def image_key(path: Path, roi_xy: tuple[float, float] | None) -> str:
+    """Content key of one image row: SHA-256 of the file's bytes and the ROI it is cropped at."""
+    digest = hashlib.sha256(path.read_bytes())
+    digest.update(repr(roi_xy).encode())
+    return digest.hexdigest()[:32]
 
 
 def _read_row(site_dir: Path, row: _Row) -> tuple[str | None, DicomImage | None]:
@@ -284,3 +303,33 @@ def _parse_row(line: int, get: Callable[[str], str], skipped: list[Skipped]) -> 
             ))
             return None
     return _Row(line, image, rel, label, split, roi_xy)
+
+
+def folder_fingerprint(site_dir: Path) -> tuple:
+    """(relative path, size, mtime) of every file under the site folder: changes when any file does."""
+    entries = []
+    for root, _, files in os.walk(site_dir):
+        for name in files:
+            stat = os.stat(os.path.join(root, name))
+            entries.append((os.path.relpath(os.path.join(root, name), site_dir), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
+_LOADED: dict[tuple, SiteData] = {}
+MAX_LOADED = 8  # sites remembered per process: an actor (or an in-process federation) serves several in turn
+
+
+def load_site_cached(site_dir: Path, preprocessor: Preprocessor) -> SiteData:
+    """`load_site`, remembered per process while the folder is unchanged (the latest `MAX_LOADED` sites).
+
+    A Simulation Engine actor serves its site message after message; re-reading and
+    re-preprocessing every DICOM for each message would dominate a round once the
+    frozen prefix is cached. Actors (and `server.inprocess`) serve several sites in turn,
+    so a few are kept (a site of a few hundred 96-px images is tens of MB).
+    """
+    key = (str(Path(site_dir).resolve()), repr(preprocessor), folder_fingerprint(Path(site_dir)))
+    if key not in _LOADED:
+        while len(_LOADED) >= MAX_LOADED:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = load_site(site_dir, preprocessor)
+    return _LOADED[key]

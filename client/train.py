@@ -1,92 +1,161 @@
 """Local training and evaluation at one site. No Flower here: plain PyTorch on arrays.
 
 The model arrives with the coordinator's shared weights and the site's own BatchNorm
-already loaded (see `client.state`); this module only runs epochs and predictions.
+already loaded; this module only runs epochs and predictions. What the trainable part
+sees is an `Inputs`: either pixels, pushed through the frozen prefix on every step, or the
+frozen prefix's cached outputs (`client.features`). Both follow the same random sequence,
+so cached and uncached training give the same model.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from client.cache import dihedral
 from common.bn import recalibrate_bn
 from common.config import RunConfig
 from common.efficientnet_lite import EfficientNetLite0, efficientnet_lite0
 from common.finetune import freeze_units, make_optimizer, param_groups, set_train_mode
-from common.metrics import classification_metrics
 
 NUM_CLASSES = 2
 
 
-def build_model(cfg: RunConfig) -> EfficientNetLite0:
+def pick_device(choice: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA GPU is visible; use device='auto' or 'cpu'.")
+    return torch.device("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device):  # noqa: ANN201 - a context manager
+    """bf16 autocast on CUDA (tensor cores, no loss scaling needed); plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def build_model(cfg: RunConfig, device: torch.device | None = None) -> EfficientNetLite0:
     """Pretrained EfficientNet-Lite0 with a 2-class head (seeded), frozen up to `freeze_blocks`."""
     model = efficientnet_lite0(pretrained=True, num_classes=NUM_CLASSES, seed=cfg.seed)
     freeze_units(model, cfg.freeze_blocks)
+    if device is not None and device.type == "cuda":
+        model = model.to(device, memory_format=torch.channels_last)
     return model
 
 
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random flips and 90-degree rotations: exact on the pixel grid, no interpolation.
+def first_trainable_unit(cfg: RunConfig) -> int:
+    """Feature units [0, start) are frozen: the prefix that can be cached."""
+    return cfg.freeze_blocks + 1
 
-    A lesion has no preferred orientation in the axial plane, so these are label-preserving.
+
+@dataclass
+class Inputs:
+    """What the trainable part of the network is fed, and how it is run.
+
+    `batch(idx, view)` returns the input of the first trainable unit for images `idx`
+    under dihedral view `view`; `forward` maps it to logits.
     """
-    flips = torch.rand(2, generator=generator) < 0.5
-    if flips[0]:
-        x = torch.flip(x, dims=[-1])
-    if flips[1]:
-        x = torch.flip(x, dims=[-2])
-    k = int(torch.randint(0, 4, (1,), generator=generator))
-    return torch.rot90(x, k, dims=[-2, -1])
+
+    n: int
+    n_views: int
+    batch: Callable[[torch.Tensor, int], torch.Tensor]
+    forward: Callable[[torch.Tensor], torch.Tensor]
 
 
-def fit(model: EfficientNetLite0, x: np.ndarray, y: np.ndarray, cfg: RunConfig, *, seed: int) -> dict[str, float]:
+def _to(device: torch.device, array: np.ndarray) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    return tensor.pin_memory() if device.type == "cuda" else tensor
+
+
+def pixel_inputs(model: EfficientNetLite0, x: np.ndarray, n_views: int, device: torch.device) -> Inputs:
+    """Uncached: every step runs the whole network, frozen prefix included."""
+    xs = _to(device, x)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+    def batch(idx: torch.Tensor, view: int) -> torch.Tensor:
+        return dihedral(xs[idx], view).to(device, non_blocking=True).contiguous(memory_format=fmt)
+
+    return Inputs(len(x), n_views, batch, model)
+
+
+def cached_inputs(model: EfficientNetLite0, features: np.ndarray, start: int, device: torch.device) -> Inputs:
+    """Cached: `features` (N, views, C, h, w) are the frozen prefix's outputs; only the suffix runs.
+
+    On a GPU the whole cache goes to device memory once (it is small: a few MB per
+    hundred images), so a step is pure GPU work with no host copy.
+    """
+    fs = torch.from_numpy(features).to(device)
+
+    def batch(idx: torch.Tensor, view: int) -> torch.Tensor:
+        return fs[idx.to(device), view]
+
+    return Inputs(len(features), features.shape[1] if features.ndim == 5 else 1, batch,
+                  lambda h: model.forward_from(h, start))
+
+
+def fit(model: EfficientNetLite0, inputs: Inputs, y: np.ndarray, cfg: RunConfig, *, seed: int,
+        device: torch.device = torch.device("cpu")) -> dict[str, float]:
     """Train the unfrozen part for `cfg.local_epochs` epochs; return mean loss and timing.
 
-    Frozen units stay in eval mode (their BN keeps the pretrained statistics); trainable
-    units' BN layers are re-estimated on this site's training images after the last epoch
+    Frozen units stay in eval mode (their BN keeps its statistics); trainable units' BN
+    layers are re-estimated on this site's training images after the last epoch
     (`recalibrate_bn`), so evaluation normalises with this site's statistics (FedBN).
+    Each batch gets one random dihedral view (augmentation), drawn from `seed`; dropout
+    draws from torch's global generator, seeded from `seed` too (inside `fork_rng`, so the
+    caller's random state is untouched): the same seed gives the same model.
     """
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _fit(model, inputs, y, cfg, seed=seed, device=device)
+
+
+def _fit(model: EfficientNetLite0, inputs: Inputs, y: np.ndarray, cfg: RunConfig, *, seed: int,
+         device: torch.device) -> dict[str, float]:
     n = len(y)
     if n < 2:
         raise ValueError(f"A site needs at least 2 labelled training images to train; got {n}.")
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout draws from torch's global generator: seed it too, so runs repeat exactly
     optimizer = make_optimizer(model, param_groups(model, lr_max=cfg.lr_max, lr_decay=cfg.lr_decay),
                                cfg.weight_decay)
-    xs, ys = torch.from_numpy(x), torch.from_numpy(y).long()
+    ys = torch.from_numpy(y).long().to(device)
     set_train_mode(model, cfg.freeze_blocks)
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []  # kept on the device: no GPU sync per step
     start = time.perf_counter()
     for _ in range(cfg.local_epochs):
         order = torch.randperm(n, generator=generator)
         for i in range(0, n, cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
+            view = int(torch.randint(0, 8, (1,), generator=generator)) % inputs.n_views
             if len(idx) < 2:  # BatchNorm cannot train on a single image
                 continue
-            logits = model(augment(xs[idx], generator))
-            loss = F.cross_entropy(logits, ys[idx])
+            with autocast(device):
+                loss = F.cross_entropy(inputs.forward(inputs.batch(idx, view)).float(), ys[idx.to(device)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
     # near-equal batches: the cumulative average then weights every image (almost) equally
-    recalibrate_bn(model, torch.tensor_split(xs, math.ceil(n / cfg.batch_size)))
-    return {"train-loss": float(np.mean(losses)), "seconds": time.perf_counter() - start}
+    with autocast(device):
+        recalibrate_bn(model, (inputs.batch(idx, 0) for idx in torch.tensor_split(torch.arange(n), math.ceil(n / cfg.batch_size))),
+                       forward=inputs.forward)
+    mean_loss = float(torch.stack(losses).mean()) if losses else math.nan
+    return {"train-loss": mean_loss, "seconds": time.perf_counter() - start}
 
 
 @torch.no_grad()
-def predict_proba(model: EfficientNetLite0, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """P(malignant | image) for each image, in eval mode."""
+def predict_proba(model: EfficientNetLite0, inputs: Inputs, batch_size: int = 64,
+                  device: torch.device = torch.device("cpu")) -> np.ndarray:
+    """P(malignant | image) for each image (view 0), in eval mode."""
     model.eval()
-    out = [F.softmax(model(torch.from_numpy(x[i:i + batch_size])), dim=1)[:, 1]
-           for i in range(0, len(x), batch_size)]
+    out = []
+    for i in range(0, inputs.n, batch_size):
+        with autocast(device):
+            logits = inputs.forward(inputs.batch(torch.arange(i, min(i + batch_size, inputs.n)), 0))
+        out.append(F.softmax(logits.float(), dim=1)[:, 1].cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
-
-
-def evaluate(model: EfficientNetLite0, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Site-level aggregates of the test split; per-image predictions never leave this function."""
-    return classification_metrics(y, predict_proba(model, x))

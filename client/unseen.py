@@ -25,10 +25,12 @@ import numpy as np
 import torch
 
 from client.dataset import SiteData
-from client.train import build_model, evaluate
+from client.features import adapt_prefix_bn
+from client.train import build_model, first_trainable_unit, pick_device, pixel_inputs, predict_proba
 from common.bn import recalibrate_bn
 from common.config import RunConfig
 from common.efficientnet_lite import EfficientNetLite0
+from common.metrics import classification_metrics
 
 BNChoice = Literal["pooled", "adabn"]
 
@@ -46,7 +48,7 @@ def global_model_for_site(config: Mapping[str, Any], weights: Mapping[str, np.nd
     together with the pooled BN statistics (`server.global_model.GlobalModel.site_weights`).
     """
     cfg = RunConfig.from_run_config(config)
-    model = build_model(cfg)
+    model = build_model(cfg, pick_device(cfg.device))
     state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in weights.items()}
     unexpected = model.load_state_dict(state, strict=False).unexpected_keys
     if unexpected:
@@ -57,14 +59,23 @@ def global_model_for_site(config: Mapping[str, Any], weights: Mapping[str, np.nd
 
 def evaluate_unseen(config: Mapping[str, Any], weights: Mapping[str, np.ndarray], data: SiteData, *,
                     bn: BNChoice) -> dict[str, float]:
-    """Test-split metrics of the global model at `data`'s site with pooled BN or AdaBN."""
+    """Test-split metrics of the global model at `data`'s site with pooled BN or AdaBN.
+
+    With `prefix-bn = "site"` every site normalises the frozen prefix with its own
+    statistics, so the new site does too, in both cases (it is part of the model's recipe).
+    """
     if bn not in ("pooled", "adabn"):
         raise ValueError(f"bn must be 'pooled' or 'adabn'; got {bn!r}.")
     cfg, model = global_model_for_site(config, weights)
+    images = unlabelled_images(data)
+    if (bn == "adabn" or cfg.prefix_bn == "site") and len(images) < 2:
+        raise ValueError(f"site {data.name}: AdaBN needs at least 2 images; it has {len(images)}.")
+    start = first_trainable_unit(cfg)
+    if cfg.prefix_bn == "site" and start > 0:
+        adapt_prefix_bn(model, images, start, cfg.batch_size)
+    device = pick_device(cfg.device)
     if bn == "adabn":
-        images = unlabelled_images(data)
-        if len(images) < 2:
-            raise ValueError(f"site {data.name}: AdaBN needs at least 2 images; it has {len(images)}.")
         batches = torch.tensor_split(torch.from_numpy(images), math.ceil(len(images) / cfg.batch_size))
-        recalibrate_bn(model, batches)  # the same layers the training sites re-estimated
-    return evaluate(model, data.x_test, data.y_test)
+        recalibrate_bn(model, (b.to(device) for b in batches))  # the same layers the training sites re-estimated
+    p = predict_proba(model, pixel_inputs(model, data.x_test, 1, device), device=device)
+    return classification_metrics(data.y_test, p)

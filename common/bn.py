@@ -8,7 +8,7 @@ that happen to be). Per-site BN is how fedrad answers covariate shift between sc
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -31,21 +31,29 @@ def bn_state_keys(model: nn.Module) -> set[str]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], *, only_trainable: bool = True) -> int:
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], *,
+                   layers: Iterable[nn.Module] | None = None,
+                   forward: Callable[[torch.Tensor], object] | None = None) -> int:
     """Re-estimate BN running statistics as the exact average over `batches` (AdaBN / precise BN).
 
     Why: pretrained BN uses momentum 0.01 (TF's 0.99 decay), so a few dozen local steps
     leave the running statistics mostly ImageNet's while training normalised with the
     site's batch statistics; evaluation then sees a different network. A forward pass
     over the site's own images with a cumulative average fixes that. Forward passes only:
-    no labels, no gradient. With `only_trainable`, BN layers whose affine parameters are
-    frozen keep their statistics (they belong to the fixed feature extractor).
+    no labels, no gradient.
+
+    Args:
+        layers: the BN layers to re-estimate; default: those with trainable affine
+            parameters (frozen BN belongs to the fixed feature extractor and keeps its
+            statistics unless named here, e.g. for AdaBN inside the frozen prefix).
+        forward: how to run a batch (default `model(batch)`), e.g. only a prefix.
     Returns the number of BN layers re-estimated. Leaves the model in eval mode.
     """
-    chosen = [m for m in bn_modules(model).values()
-              if not only_trainable or any(p.requires_grad for p in m.parameters())]
+    chosen = list(layers) if layers is not None else [
+        m for m in bn_modules(model).values() if any(p.requires_grad for p in m.parameters())]
     if not chosen:
         return 0
+    run = forward or model
     model.eval()
     saved = {}
     for m in chosen:
@@ -56,7 +64,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], *, only_tr
     seen = 0
     for batch in batches:
         if len(batch) >= 2:
-            model(batch)
+            run(batch)
             seen += 1
     for m in chosen:
         m.momentum = saved[m]

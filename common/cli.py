@@ -3,17 +3,24 @@
     fedrad synth --out data/synthetic          # built-in multi-center DICOM data
     fedrad simulate --out runs/demo            # federated run in Flower's Simulation Engine
     fedrad compare --out runs/compare          # every strategy side by side (server/compare_cli.py)
+    fedrad provision | coordinator | register | site | submit   # a real deployment (common/cli_deploy.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.cli_deploy import add_deploy_commands
+
 DEFAULT_DATA = Path("data/synthetic")
+# Before torch loads OpenMP: waiting threads sleep rather than spin (on a busy 2-core
+# machine spinning threads starve each other; measured 30-60x slower small convolutions).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -79,7 +86,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         changes["num_server_rounds"] = args.rounds
     cfg = cfg.replace(**changes)
-    report = simulate(cfg, num_cpus=args.cpus)
+    report = simulate(cfg, num_cpus=args.cpus, resume=args.resume)
     table = Table(title=f"fedrad simulate · {report['strategy']} · {report['rounds']} rounds · "
                         f"{report['simulate_wall_seconds']:.0f} s")
     for col in ("site", "n train", "n test", "AUC", "bal. acc.", "ECE", "bytes/round"):
@@ -93,6 +100,41 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     console.print(f"full-model FedAvg would send {report['full_model_bytes']:,} bytes a round; "
                   f"report: {args.out / 'report.md'}")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from server.bench import run_bench
+
+    console = Console()
+    data = args.data or DEFAULT_DATA
+    if args.data is None and not data.is_dir():
+        make_synthetic(data)
+    results = run_bench(data, args.out, simulate=not args.no_simulate,
+                        progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    table = Table(title=f"fedrad bench · {results['site']} ({results['n_train']} training images, "
+                        f"{results['image_px']} px, freeze-blocks {results['freeze_blocks']})")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in results.items():
+        if key == "bytes_per_round":
+            for name, n in value.items():
+                table.add_row(f"bytes_per_round · {name}", f"{n:,}")
+        elif isinstance(value, float):
+            table.add_row(key, f"{value:,.3f}")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            table.add_row(key, f"{value:,}")
+    console.print(table)
+    console.print(f"written: {args.out / 'bench.json'}")
+    return 0
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from client.gpu_bench import main as gpu_main
+
+    return gpu_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +169,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
                    help="override [tool.flwr.app.config] keys, e.g. \"freeze-blocks=12 lr-max=0.001\"")
     p.add_argument("--cpus", type=int, default=None, help="CPU cores the simulation may use (default: all)")
+    p.add_argument("--resume", action="store_true", help="go on from OUT's checkpoint instead of round 1")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("bench", help="measure cached vs uncached epochs, bytes per round, simulation time/memory",
+                       description="Writes OUT/bench.json and prints a table: epoch_seconds_uncached, "
+                                   "epoch_seconds_cached, images_per_second, bytes_per_round per strategy, "
+                                   "full_model_bytes, simulate_wall_seconds, simulate_peak_rss_mb.",
+                       epilog="example: fedrad bench --out runs/bench")
+    p.add_argument("--data", type=Path, default=None, help=f"site folders (default: {DEFAULT_DATA})")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where bench.json goes (default: runs/bench)")
+    p.add_argument("--no-simulate", action="store_true", help="skip the (minute-long) default simulation")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bench-gpu", help="GPU benchmark: local-training images/s vs bare forward+backward images/s",
+                       description="On one NVIDIA GPU (bf16, channels-last): images/s of fedrad's local training "
+                                   "on cached prefix features beside the bare forward+backward of the same "
+                                   "trainable part at the same batch size, and of full fine-tuning. Runs on the "
+                                   "CPU too (slowly) with --device cpu.",
+                       epilog="example: fedrad bench-gpu --image-size 224 --batch-size 256 --out runs/gpu")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--images", type=int, default=4096, help="training images in the synthetic cache")
+    p.add_argument("--freeze-blocks", type=int, default=14)
+    p.add_argument("--steps", type=int, default=30, help="timed steps of the bare loops")
+    p.add_argument("--out", type=Path, default=Path("runs/gpu"))
+    p.set_defaults(func=cmd_bench_gpu)
+    add_deploy_commands(sub)
 
     from server.compare_cli import add_compare_parser
 
@@ -140,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as err:
         logging.getLogger("fedrad").error("%s", err)
         return 2
 

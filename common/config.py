@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 BN_MODES = ("fedbn", "silobn", "shared")
+AUGMENTS = ("dihedral", "none")
+PREFIX_BN = ("pretrained", "site")
+DEVICES = ("auto", "cpu", "cuda")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -31,6 +34,11 @@ class RunConfig:
     lr_max: float = 0.003  # learning rate of the classifier
     lr_decay: float = 0.5  # gamma: each level below the classifier gets gamma times the rate above
     local_epochs: int = 2
+    augment: str = "none"  # dihedral: random flips/90-degree rotations (8 exact views, 8 cached prefixes); none
+    feature_cache: bool = True  # compute the frozen prefix once per image (and view), reuse every epoch/round
+    prefix_bn: str = "pretrained"  # BN of the frozen prefix: ImageNet statistics, or re-estimated on the site's images
+    cache_memory_mb: int = 512  # in-memory layer of the feature cache (per site process); 0 = disk only
+    device: str = "auto"  # auto: CUDA when present (bf16 autocast, channels-last), else CPU
     batch_size: int = 32
     weight_decay: float = 0.0001
     spacing_mm: float = 0.5  # every image is resampled to this pixel spacing (mm)
@@ -38,6 +46,7 @@ class RunConfig:
     seed: int = 0
     min_sites: int = 2  # a round needs at least this many sites to reply
     round_timeout: float = 3600.0  # seconds the coordinator waits for replies in a round
+    norm_outlier_factor: float = 10.0  # reject an update > this x the others' median distance from the global (0 = off)
     data_dir: str = ""  # simulation only: folder with one sub-folder per site
     out_dir: str = "runs/latest"  # where the coordinator writes report.json / report.md
     work_dir: str = ""  # simulation only: root of the sites' work folders ("" = <out-dir>/sites)
@@ -50,12 +59,17 @@ class RunConfig:
             (self.lr_max > 0, "lr-max must be > 0"),
             (0 < self.lr_decay <= 1, "lr-decay must be in (0, 1]"),
             (self.local_epochs >= 1, "local-epochs must be >= 1"),
+            (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}"),
+            (self.prefix_bn in PREFIX_BN, f"prefix-bn must be one of {PREFIX_BN}"),
+            (self.cache_memory_mb >= 0, "cache-memory-mb must be >= 0"),
+            (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.batch_size >= 2, "batch-size must be >= 2 (BatchNorm needs two samples)"),
             (self.weight_decay >= 0, "weight-decay must be >= 0"),
             (self.spacing_mm > 0, "spacing-mm must be > 0"),
             (self.fov_mm >= 8 * self.spacing_mm, "fov-mm must be at least 8 pixels of spacing-mm"),
             (self.min_sites >= 1, "min-sites must be >= 1"),
             (self.round_timeout > 0, "round-timeout must be > 0"),
+            (self.norm_outlier_factor == 0 or self.norm_outlier_factor > 1, "norm-outlier-factor must be 0 (off) or > 1"),
         ]
         for ok, message in checks:
             if not ok:

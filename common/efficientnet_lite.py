@@ -13,6 +13,7 @@ The network is split into `features` units (stem, 16 MBConv blocks, head conv) a
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -121,16 +122,43 @@ class EfficientNetLite0(nn.Module):
         return [nn.ModuleList([self._conv_stem, self._bn0]), *self._blocks,
                 nn.ModuleList([self._conv_head, self._bn1])]
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled 1280-d penultimate features."""
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
-            x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
+    def forward_units(self, x: torch.Tensor, start: int = 0, stop: int = NUM_BLOCKS + 2) -> torch.Tensor:
+        """Run feature units [start, stop): 0 the stem, 1..16 the blocks, 17 the head conv.
+
+        Splitting here is what lets a site compute the frozen prefix once and cache it.
+        """
+        for unit in range(start, stop):
+            if unit == 0:
+                x = F.relu6(self._bn0(self._conv_stem(x)))
+            elif unit <= NUM_BLOCKS:
+                x = self._blocks[unit - 1](x)
+            else:
+                x = F.relu6(self._bn1(self._conv_head(x)))
+        return x
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Global average pooling of the head conv's map: the 1280-d penultimate features."""
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled 1280-d penultimate features."""
+        return self.pool(self.forward_units(x))
+
+    def forward_from(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits from the output of unit `start - 1` (start 0 = from the image)."""
+        return self._fc(self._dropout(self.pool(self.forward_units(h, start))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fc(self._dropout(self.features(x)))
+        return self.forward_from(x, 0)
+
+
+@functools.cache
+def _pretrained_state() -> dict[str, torch.Tensor]:
+    """The packaged weights, read once per process (a site process builds a model per message).
+
+    `load_state_dict` copies them into the model, so sharing this dict is safe.
+    """
+    return torch.load(weights_path(), map_location="cpu", weights_only=True)
 
 
 def efficientnet_lite0(*, pretrained: bool = True, num_classes: int = 1000, seed: int = 0) -> EfficientNetLite0:
@@ -141,8 +169,7 @@ def efficientnet_lite0(*, pretrained: bool = True, num_classes: int = 1000, seed
     """
     model = EfficientNetLite0(num_classes=1000)
     if pretrained:
-        state = torch.load(weights_path(), map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(_pretrained_state(), strict=True)
     if num_classes != 1000:
         generator = torch.Generator().manual_seed(seed)
         fc = nn.Linear(NUM_FEATURES, num_classes)

@@ -20,6 +20,9 @@ METRICS = "metrics"  # aggregates a site reports (counts, loss, AUC, ...)
 SITE = "site"  # who is replying: {"name": site folder name}
 BN_STATS = "bn-stats"  # site -> coordinator: per-channel BN running mean/var of the adapted layers
 
+# Keys of the config record (coordinator -> site) that are not run config.
+FEDERATION_ID = "federation-id"  # one id per experiment, kept across coordinator restarts; names a site's local state
+
 # Metric keys a site may send.
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
 BN_SAMPLES = "bn-samples"  # images the site's BN statistics were estimated on (the registry's weight)

@@ -3,7 +3,8 @@
 One job per (strategy, seed) and per (held-out site, seed). Jobs run in `workers` processes
 (default: one per core, torch single-threaded in each: independent jobs scale better than
 threads inside one small-batch job); each worker loads a site's images once and reuses them
-for every baseline and leave-one-out evaluation it runs. Federated jobs run the real
+for every job it runs, baselines and ClientApps alike (`client.dataset.load_site_cached`),
+and every run caches its frozen-prefix features as a site does (`client.features`). Federated jobs run the real
 ServerApp logic and ClientApp in-process (`server.inprocess`, default) or in Flower's
 Simulation Engine (`--engine flower`, one job at a time: Ray takes the machine).
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -116,17 +118,12 @@ def plan_compare(base: RunConfig, *, out: Path, seeds: int = 3, strategies: Sequ
 
 # ---- inside a worker process -------------------------------------------------------------------
 
-_SITES: dict[tuple[str, float, float], Any] = {}  # this worker's loaded sites, reused across its jobs
-
-
 def _site_data(folder: Path, cfg: RunConfig) -> Any:
-    from client.dataset import load_site
+    """A site's images, loaded once per worker and shared with the ClientApps it runs (`load_site_cached`)."""
+    from client.dataset import load_site_cached
     from common.preprocess import Preprocessor
 
-    key = (str(folder.resolve()), cfg.spacing_mm, cfg.fov_mm)
-    if key not in _SITES:
-        _SITES[key] = load_site(folder, Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))
-    return _SITES[key]
+    return load_site_cached(folder, Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))
 
 
 def _federate(engine: str) -> Callable[[RunConfig], dict[str, Any]]:
@@ -167,9 +164,10 @@ def _run_job(job: Job) -> dict[str, Any]:
     cfg = RunConfig.from_run_config(job.config)
     out = {"kind": job.kind, "name": job.name, "seed": job.seed}
     folders = discover_sites(Path(cfg.data_dir))
+    shutil.rmtree(job.out_dir, ignore_errors=True)  # a fresh run: never resume an older compare's checkpoint
     if job.kind in ("local", "pooled"):
         sites = [_site_data(f, cfg) for f in folders]
-        return {**out, **(run_local if job.kind == "local" else run_pooled)(sites, cfg)}
+        return {**out, **(run_local if job.kind == "local" else run_pooled)(sites, cfg, Path(job.out_dir) / "sites")}
     if job.kind == "federated":
         report = _federate(job.engine)(cfg)
         return {**out, "sites": report["sites"], "wall_seconds": report["wall_seconds"],

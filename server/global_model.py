@@ -10,13 +10,15 @@ then rename, so a crash never leaves half a file):
   image count of its BN report.
 
 A site never seen in training builds the model from ``config``, loads ``shared`` and either
-the pooled BN or its own AdaBN estimate (`client.unseen`). Checkpoint/resume (issue 4) can
-merge `save_global_model` into its own save step: it is one call with plain inputs.
+the pooled BN or its own AdaBN estimate (`client.unseen`). The coordinator writes these
+files beside its checkpoint (`server.checkpoint`) at the end of every round, and on a
+restart refills its BN registry from them (`restore_registry`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ import numpy as np
 
 from server.bn_registry import BNRegistry, SiteBNStats
 
+log = logging.getLogger("fedrad.coordinator")
 NPZ, JSON = "global.npz", "global.json"
 SHARED, POOLED, SITE = "shared/", "bn-pooled/", "bn-site/"
 
@@ -97,3 +100,22 @@ def load_global_model(out_dir: Path) -> GlobalModel:
         bn_pooled={k[len(POOLED):]: v for k, v in arrays.items() if k.startswith(POOLED)},
         registry=registry,
     )
+
+
+def restore_registry(registry: BNRegistry, out_dir: Path, done_rounds: int) -> None:
+    """After a restart at round `done_rounds` + 1: refill `registry` from the saved global model.
+
+    The global model is written right after the checkpoint, so after a crash between the
+    two it may be a round older: each site's entry then keeps its older statistics until
+    its next report, which is what the registry holds anyway (the latest report per site).
+    """
+    if done_rounds == 0 or not (Path(out_dir) / JSON).is_file():
+        return
+    glob = load_global_model(out_dir)
+    if glob.server_round > done_rounds:
+        log.warning("global model in %s is from round %d, after the checkpoint's round %d: BN registry not restored",
+                    out_dir, glob.server_round, done_rounds)
+        return
+    registry.sites.update(glob.registry.sites)
+    log.info("BN registry restored from %s: %d site(s) as of round %d", out_dir / JSON, len(registry.sites),
+             glob.server_round)

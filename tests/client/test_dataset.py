@@ -146,3 +146,20 @@ def test_public_names() -> None:
     assert LABEL_COLUMNS == ("image", "label", "split", "roi_x", "roi_y")
     assert Skipped("a", "b") == Skipped("a", "b")
     assert issubclass(SiteDataError, ValueError)
+
+
+def test_cached_loading_notices_a_changed_file(tmp_path):
+    from client.dataset import load_site_cached
+    from common.synth import SiteSpec, generate
+
+    spec = SiteSpec(name="m", n_patients=12, prevalence=0.5, spacing_mm=0.8, noise_hu=5, kernel="smooth",
+                    hu_offset=0, manufacturer="GE")
+    (folder,) = generate(tmp_path, sites=[spec], seed=0, image_size=64)
+    prep = Preprocessor(spacing_mm=1.0, fov_mm=24.0)
+    first = load_site_cached(folder, prep)
+    assert load_site_cached(folder, prep) is first  # unchanged folder: remembered
+    labels = (folder / "labels.csv").read_text().splitlines()
+    (folder / "labels.csv").write_text("\n".join(labels[:-1]) + "\n")  # one row fewer
+    again = load_site_cached(folder, prep)
+    assert again is not first
+    assert len(again.y_train) + len(again.y_test) == len(first.y_train) + len(first.y_test) - 1

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from client.dataset import SiteData
-from client.train import build_model, evaluate
+from client.train import build_model, pixel_inputs, predict_proba
 from client.unseen import evaluate_unseen, global_model_for_site
 from common.bn import recalibrate_bn
 from common.config import RunConfig
 from common.finetune import shared_keys, site_bn_stat_keys
+from common.metrics import classification_metrics
 from server.bn_registry import BNRegistry
-from server.global_model import load_global_model, save_global_model
+from server.global_model import load_global_model, restore_registry, save_global_model
 
 CFG = RunConfig(bn_mode="silobn", batch_size=4)
 
@@ -82,6 +83,20 @@ def test_adabn_reestimates_the_same_layers_from_the_sites_images_only(saved):
     frozen_before = model._blocks[0]._bn1.running_mean.clone()
     recalibrate_bn(model, torch.tensor_split(torch.from_numpy(site.x_train), 2))  # batch-size 4
     assert torch.equal(model._blocks[0]._bn1.running_mean, frozen_before)  # frozen BN untouched
-    assert evaluate(model, site.x_test, site.y_test) == adabn
+    p = predict_proba(model, pixel_inputs(model, site.x_test, 1, torch.device("cpu")))
+    assert classification_metrics(site.y_test, p) == adabn
     with pytest.raises(ValueError, match="bn must be 'pooled' or 'adabn'"):
         evaluate_unseen(glob.config, glob.site_weights(), site, bn="mine")
+
+
+def test_a_restarted_coordinator_gets_its_bn_registry_back(saved):
+    out, _, registry = saved  # saved after round 3
+    again = BNRegistry()
+    restore_registry(again, out, done_rounds=3)
+    assert again.summary() == registry.summary()
+    for k, v in registry.pooled().items():
+        assert np.array_equal(again.pooled()[k], v)
+    stale = BNRegistry()
+    restore_registry(stale, out, done_rounds=2)  # the checkpoint is older than global.npz: not mixed in
+    restore_registry(stale, out, done_rounds=0)  # a fresh run starts empty
+    assert stale.sites == {}
