@@ -25,8 +25,9 @@ def data(tmp_path_factory):
 
 
 def tiny(data, tmp_path, **changes):
-    return RunConfig(num_server_rounds=1, local_epochs=1, batch_size=8, fov_mm=32.0, data_dir=str(data),
-                     out_dir=str(tmp_path), **changes)
+    values = dict(num_server_rounds=1, local_epochs=1, batch_size=8, fov_mm=32.0, data_dir=str(data),
+                  out_dir=str(tmp_path))
+    return RunConfig(**{**values, **changes})
 
 
 def test_compare_on_tiny_sites_writes_the_issue_schema(data, tmp_path):
@@ -97,6 +98,6 @@ def test_local_is_a_federation_of_one(data, tmp_path, one_thread):
     cfg = tiny(only, tmp_path / "fed", num_server_rounds=2, min_sites=1)
     federated = run_inprocess(cfg)
     site = load_site(only / "h0", Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))
-    local = run_local([site], cfg)
+    local = run_local([site], cfg, tmp_path / "local")
     assert local["sites"][0]["auc"] == federated["sites"][0]["auc"]
     assert local["sites"][0]["ece"] == pytest.approx(federated["sites"][0]["ece"], abs=1e-9)
