@@ -24,10 +24,12 @@ from common.config import RunConfig
 from common.efficientnet_lite import EfficientNetLite0
 from common.egress import EgressPolicy, check_egress
 from common.finetune import local_keys
+from common.finetune import site_bn_stat_keys
 from common.metrics import classification_metrics
 from common.preprocess import Preprocessor
 from common.records import (ARRAYS, CONFIG, EVAL_METRICS, FEDERATION_ID, METRICS, NUM_EXAMPLES, SITE,
                             TRAIN_METRICS, describe, from_array_record, to_array_record)
+from common.records import BN_SAMPLES, BN_STATS
 from common.sites import discover_sites
 
 LOCAL_STATE = "fedrad-local"  # key in context.state: this site's own BN tensors
@@ -94,16 +96,22 @@ def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, Effici
     return cfg, data, model, inputs
 
 
-def reply(msg: Message, data: SiteData, arrays: ArrayRecord | None, metrics: dict[str, float]) -> Message:
-    """Wrap the reply and pass it through the egress whitelist before it may leave."""
+def reply(msg: Message, data: SiteData, arrays: ArrayRecord | None, metrics: dict[str, float],
+          bn_stats: ArrayRecord | None = None, bn_shapes: dict[str, tuple[int, ...]] | None = None) -> Message:
+    """Wrap the reply and pass it through the egress whitelist before it may leave.
+
+    `bn_shapes` (from the site's own model) whitelists the BN statistics record by name and shape.
+    """
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": data.name})})
     allowed = TRAIN_METRICS
     if arrays is not None:
         content[ARRAYS] = arrays
     else:
         allowed = EVAL_METRICS
+    if bn_stats is not None:
+        content[BN_STATS] = bn_stats
     incoming = {k: tuple(a.shape) for k, a in msg.content[ARRAYS].items()}
-    check_egress(describe(content), EgressPolicy.build(incoming, allowed), site=data.name)
+    check_egress(describe(content), EgressPolicy.build(incoming, allowed, bn_shapes), site=data.name)
     return Message(content=content, reply_to=msg)
 
 
@@ -128,8 +136,11 @@ def train(msg: Message, context: Context) -> Message:
     write_summary(context, cfg, data, {"round": server_round, **stats, "cache-hits": inputs.cache_hits,
                                        "cache-misses": inputs.cache_misses})
     metrics = {NUM_EXAMPLES: len(data.y_train), "n-train": len(data.y_train), "n-test": len(data.y_test),
-               "n-skipped": len(data.skipped), **stats}
-    return reply(msg, data, to_array_record(state, list(msg.content[ARRAYS].keys())), metrics)
+               "n-skipped": len(data.skipped), BN_SAMPLES: len(data.y_train), **stats}
+    bn_keys = site_bn_stat_keys(model)  # the BN layers fit() re-estimated on this site's training images
+    bn_stats = to_array_record(state, bn_keys) if bn_keys else None
+    return reply(msg, data, to_array_record(state, list(msg.content[ARRAYS].keys())), metrics,
+                 bn_stats, {k: tuple(state[k].shape) for k in bn_keys})
 
 
 @app.evaluate()

@@ -2,6 +2,7 @@
 
     fedrad synth --out data/synthetic          # built-in multi-center DICOM data
     fedrad simulate --out runs/demo            # federated run in Flower's Simulation Engine
+    fedrad compare --out runs/compare          # every strategy side by side (server/compare_cli.py)
     fedrad provision | coordinator | register | site | submit   # a real deployment (common/cli_deploy.py)
 """
 
@@ -196,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/gpu"))
     p.set_defaults(func=cmd_bench_gpu)
     add_deploy_commands(sub)
+
+    from server.compare_cli import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 

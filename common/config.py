@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-BN_MODES = ("fedbn", "shared")
+BN_MODES = ("fedbn", "silobn", "shared")
 AUGMENTS = ("dihedral", "none")
 PREFIX_BN = ("pretrained", "site")
 DEVICES = ("auto", "cpu", "cuda")
@@ -29,7 +29,7 @@ class RunConfig:
     """Every knob of a federated run. Field `lr_max` is run-config key `lr-max`, and so on."""
 
     num_server_rounds: int = 5
-    bn_mode: str = "fedbn"  # fedbn: BN stays at each site; shared: BN averaged like any layer (plain FedAvg)
+    bn_mode: str = "fedbn"  # fedbn: BN at each site; silobn: BN affine averaged, stats local; shared: all (FedAvg)
     freeze_blocks: int = 14  # freeze stem + first K units (17 = linear probe, -1 = full fine-tuning)
     lr_max: float = 0.003  # learning rate of the classifier
     lr_decay: float = 0.5  # gamma: each level below the classifier gets gamma times the rate above

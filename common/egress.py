@@ -2,15 +2,16 @@
 
 Privacy is the product: no pixel, feature map or per-image prediction may leave a site.
 A reply may hold only (1) the shared weights, under exactly the expected names and shapes,
-(2) scalar metrics from a fixed list (aggregates: counts, loss, AUC), and (3) the site's
-name. Lists are refused in metrics and config values, because a list is how a per-image
+(2) scalar metrics from a fixed list (aggregates: counts, loss, AUC), (3) the site's
+name, and (4) in its own record, the per-channel BN running statistics of the named
+layers (aggregates over all the site's training images), again with exact shapes. Lists are refused in metrics and config values, because a list is how a per-image
 vector would be smuggled out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.records import Description
 
@@ -29,10 +30,13 @@ class EgressPolicy:
     array_record: str = "arrays"
     metric_record: str = "metrics"
     config_record: str = "site"
+    bn_stats: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # BN statistic name -> exact shape
+    bn_record: str = "bn-stats"
 
     @classmethod
-    def build(cls, arrays: Mapping[str, tuple[int, ...]], metrics: Iterable[str]) -> EgressPolicy:
-        return cls(arrays=dict(arrays), metrics=frozenset(metrics))
+    def build(cls, arrays: Mapping[str, tuple[int, ...]], metrics: Iterable[str],
+              bn_stats: Mapping[str, tuple[int, ...]] | None = None) -> EgressPolicy:
+        return cls(arrays=dict(arrays), metrics=frozenset(metrics), bn_stats=dict(bn_stats or {}))
 
 
 SCALAR_TYPES = {"int", "float"}
@@ -42,17 +46,23 @@ CONFIG_TYPES = {"str", "int", "float", "bool"}
 def check_egress(description: Description, policy: EgressPolicy, *, site: str) -> None:
     """Raise EgressError naming the site and the offending record/key, or return None."""
     allowed = {policy.array_record: "arrays", policy.metric_record: "metrics", policy.config_record: "config"}
+    shapes = {policy.array_record: policy.arrays}
+    if policy.bn_stats:
+        allowed[policy.bn_record] = "arrays"
+        shapes[policy.bn_record] = policy.bn_stats
     for name, (kind, entries) in description.items():
         if allowed.get(name) != kind:
             raise EgressError(f"site {site}: record '{name}' of kind {kind} is not on the egress whitelist "
                               f"(allowed: {sorted(allowed)}).")
         if kind == "arrays":
+            expected = shapes[name]
+            what = "a shared weight" if name == policy.array_record else "a whitelisted BN statistic"
             for key, shape in entries.items():
-                if key not in policy.arrays:
-                    raise EgressError(f"site {site}: array '{key}' is not a shared weight; refused.")
-                if tuple(shape) != tuple(policy.arrays[key]):  # type: ignore[arg-type]
+                if key not in expected:
+                    raise EgressError(f"site {site}: array '{key}' is not {what}; refused.")
+                if tuple(shape) != tuple(expected[key]):  # type: ignore[arg-type]
                     raise EgressError(f"site {site}: array '{key}' has shape {shape}, "
-                                      f"expected {tuple(policy.arrays[key])}; refused.")
+                                      f"expected {tuple(expected[key])}; refused.")
         elif kind == "metrics":
             for key, type_name in entries.items():
                 if key not in policy.metrics:

@@ -18,13 +18,15 @@ ARRAYS = "arrays"  # the shared weights (coordinator -> site and back)
 CONFIG = "config"  # run config (coordinator -> site)
 METRICS = "metrics"  # aggregates a site reports (counts, loss, AUC, ...)
 SITE = "site"  # who is replying: {"name": site folder name}
+BN_STATS = "bn-stats"  # site -> coordinator: per-channel BN running mean/var of the adapted layers
 
 # Keys of the config record (coordinator -> site) that are not run config.
 FEDERATION_ID = "federation-id"  # one id per experiment, kept across coordinator restarts; names a site's local state
 
 # Metric keys a site may send.
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
-TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds")
+BN_SAMPLES = "bn-samples"  # images the site's BN statistics were estimated on (the registry's weight)
+TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds", BN_SAMPLES)
 EVAL_METRICS = (NUM_EXAMPLES, "auc", "balanced-accuracy", "ece", "test-loss")
 
 # A description of a RecordDict: record name -> (kind, {key: shape tuple or value type name}).

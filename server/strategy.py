@@ -11,7 +11,10 @@ site). What it adds:
 - the mean is sample-weighted over exactly the shared keys: BatchNorm never reaches the
   coordinator in FedBN mode, so it cannot be touched here;
 - per site and per round it records the metrics the site reported and the bytes its
-  replies took on the wire (measured from the received messages, not from a formula).
+  replies took on the wire (measured from the received messages, not from a formula);
+- each site's BN running statistics (record `bn-stats`, with their image count) go, after
+  the same validation, into the per-site BN registry (`server.bn_registry`), whose pooled
+  statistics serve sites never seen in training. They are never averaged into the model.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.records import ARRAYS, METRICS, NUM_EXAMPLES, SITE, from_numpy, payload_bytes, to_numpy
+from common.records import BN_SAMPLES, BN_STATS
 from server.aggregate import (ArraySpec, UpdateRejected, norm_outliers, update_distance, validate_update,
                               weighted_average)
+from server.bn_registry import BNRegistry
 
 log = logging.getLogger("fedrad.coordinator")
 
@@ -54,7 +59,8 @@ class FedRad(FedAvg):
     """Sample-weighted FedAvg of the shared arrays; BN and everything else stays at the sites."""
 
     def __init__(self, *, expected: dict[str, ArraySpec], min_sites: int = 2, norm_outlier_factor: float = 0.0,
-                 on_round: Callable[[int, dict[str, SiteLog]], None] | None = None) -> None:
+                 on_round: Callable[[int, dict[str, SiteLog]], None] | None = None,
+                 bn_expected: dict[str, ArraySpec] | None = None) -> None:
         super().__init__(min_train_nodes=min_sites, min_evaluate_nodes=min_sites, min_available_nodes=min_sites,
                          weighted_by_key=NUM_EXAMPLES)
         self.expected = expected
@@ -66,6 +72,8 @@ class FedRad(FedAvg):
         self.norm_outlier_factor = norm_outlier_factor
         self.reference: dict[str, np.ndarray] | None = None  # the global model this round's updates started from
         self.node_names: dict[int, str] = {}  # node id -> site name, learnt from replies
+        self.bn_expected = bn_expected or {}  # BN statistic name -> spec; {} = sites send none
+        self.bn_registry = BNRegistry()
 
     def summary(self) -> None:
         n_values = sum(math.prod(s.shape) for s in self.expected.values())
@@ -117,6 +125,7 @@ class FedRad(FedAvg):
         accepted: list[tuple[dict[str, np.ndarray], float]] = []
         losses = []
         candidates = []
+        bn_of: dict[str, dict[str, np.ndarray]] = {}  # validated BN statistics per site
         for msg in self._ok_replies(server_round, replies):
             name = site_name(msg)
             try:
@@ -125,6 +134,7 @@ class FedRad(FedAvg):
                 arrays = to_numpy(msg.content[ARRAYS])  # type: ignore[arg-type]
                 metrics = dict(msg.content[METRICS])  # type: ignore[arg-type]
                 validate_update(name, arrays, metrics.get(NUM_EXAMPLES), self.expected)
+                bn_of[name] = self._bn_stats(name, msg, metrics)
             except (UpdateRejected, TypeError, ValueError) as err:
                 self._reject(server_round, name, str(err))
                 continue
@@ -134,6 +144,8 @@ class FedRad(FedAvg):
             site = self._site(name)
             site.train[server_round] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
             site.bytes_sent[server_round] = payload_bytes(msg.content)
+            if bn_of.get(name):
+                self.bn_registry.update(name, server_round, bn_of[name], int(metrics[BN_SAMPLES]))  # type: ignore
             accepted.append((arrays, float(metrics[NUM_EXAMPLES])))  # type: ignore[arg-type]
             losses.append((float(metrics.get("train-loss", math.nan)), float(metrics[NUM_EXAMPLES])))  # type: ignore
         if len(accepted) < self.min_sites:
@@ -143,6 +155,24 @@ class FedRad(FedAvg):
         n = sum(w for _, w in losses)
         summary = MetricRecord({"train-loss": sum(l * w for l, w in losses) / n, "sites": len(accepted)})
         return from_numpy(weighted_average(accepted)), summary
+
+    def _bn_stats(self, name: str, msg: Message, metrics: dict) -> dict[str, np.ndarray]:
+        """The reply's validated BN statistics ({} when this run expects none); raises UpdateRejected."""
+        if not self.bn_expected:
+            if BN_STATS in msg.content:
+                raise UpdateRejected(f"site {name}: sent a '{BN_STATS}' record this run does not expect.")
+            return {}
+        if BN_STATS not in msg.content:
+            raise UpdateRejected(f"site {name}: reply lacks the '{BN_STATS}' record (BN running statistics).")
+        stats = to_numpy(msg.content[BN_STATS])  # type: ignore[arg-type]
+        count = metrics.get(BN_SAMPLES)
+        if isinstance(count, bool) or not isinstance(count, (int, float)) or count < 1 or count != int(count):
+            raise UpdateRejected(f"site {name}: '{BN_SAMPLES}' must be a positive whole number of images; "
+                                 f"got {count!r}.")
+        validate_update(name, stats, count, self.bn_expected)
+        if any((v < 0).any() for k, v in stats.items() if k.endswith("running_var")):
+            raise UpdateRejected(f"site {name}: a BN running_var is negative.")
+        return stats
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rows = []
