@@ -324,7 +324,7 @@ def load_site_cached(site_dir: Path, preprocessor: Preprocessor) -> SiteData:
 
     A Simulation Engine actor serves its site message after message; re-reading and
     re-preprocessing every DICOM for each message would dominate a round once the
-    frozen prefix is cached. Actors (and `server.inprocess`) serve several sites in turn,
+    frozen prefix is cached. Actors (and `fedrad compare`'s baselines) serve several sites in turn,
     so a few are kept (a site of a few hundred 96-px images is tens of MB).
     """
     key = (str(Path(site_dir).resolve()), repr(preprocessor), folder_fingerprint(Path(site_dir)))

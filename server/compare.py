@@ -4,9 +4,8 @@ One job per (strategy, seed) and per (held-out site, seed). Jobs run in `workers
 (default: one per core, torch single-threaded in each: independent jobs scale better than
 threads inside one small-batch job); each worker loads a site's images once and reuses them
 for every job it runs, baselines and ClientApps alike (`client.dataset.load_site_cached`),
-and every run caches its frozen-prefix features as a site does (`client.features`). Federated jobs run the real
-ServerApp logic and ClientApp in-process (`server.inprocess`, default) or in Flower's
-Simulation Engine (`--engine flower`, one job at a time: Ray takes the machine).
+and every run caches its frozen-prefix features as a site does (`client.features`). Federated jobs run
+in Flower's Simulation Engine (`server.simulate`), one at a time: Ray spreads each over the cores.
 
 Results are deterministic for a seed whatever the number of workers.
 """
@@ -28,7 +27,7 @@ from common.config import RunConfig
 from common.sites import discover_sites
 
 log = logging.getLogger("fedrad.compare")
-ENGINES = ("inprocess", "flower")
+ENGINES = ("flower",)  # Flower's Simulation Engine; never a hand-made transport
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ class Job:
     seed: int
     config: dict[str, Any]  # kebab-case run config
     out_dir: str
-    engine: str = "inprocess"
+    engine: str = "flower"
     cost: float = 1.0
 
 
@@ -87,7 +86,7 @@ class ComparePlan:
 
 
 def plan_compare(base: RunConfig, *, out: Path, seeds: int = 3, strategies: Sequence[str] | None = None,
-                 loso: bool = True, loso_bn_mode: str = "silobn", engine: str = "inprocess") -> ComparePlan:
+                 loso: bool = True, loso_bn_mode: str = "silobn", engine: str = "flower") -> ComparePlan:
     """The job list, longest first; refuses unknown strategies / engines by name."""
     names = list(strategies) if strategies else [s.name for s in STRATEGIES]
     unknown = [n for n in names if n not in BY_NAME]
@@ -127,13 +126,10 @@ def _site_data(folder: Path, cfg: RunConfig) -> Any:
 
 
 def _federate(engine: str) -> Callable[[RunConfig], dict[str, Any]]:
-    if engine == "flower":
-        from server.simulate import simulate
+    """A federated run in Flower's Simulation Engine (the only engine)."""
+    from server.simulate import simulate
 
-        return lambda cfg: simulate(cfg, num_cpus=os.cpu_count())
-    from server.inprocess import run_inprocess
-
-    return run_inprocess
+    return lambda cfg: simulate(cfg, num_cpus=os.cpu_count())
 
 
 def init_worker(threads: int) -> None:
@@ -190,8 +186,8 @@ def _shift_scores(run_dir: Path) -> dict[str, float]:
 # ---- the coordinator of the comparison ---------------------------------------------------------
 
 def default_workers(engine: str) -> int:
-    """One single-threaded worker per core; one for Flower's engine, which spreads over the cores itself."""
-    return 1 if engine == "flower" else max(1, os.cpu_count() or 1)
+    """One job at a time: Flower's Simulation Engine spreads each federation over the cores itself."""
+    return 1
 
 
 def execute(plan: ComparePlan, *, workers: int | None = None,
@@ -203,7 +199,7 @@ def execute(plan: ComparePlan, *, workers: int | None = None,
     cpus = os.cpu_count() or 1
     results: dict[int, dict[str, Any]] = {}
     if workers == 1:
-        init_worker(cpus if plan.engine == "inprocess" else 1)
+        init_worker(cpus)
         for i, job in enumerate(plan.jobs):
             results[i] = run_job(job)
             if on_done:

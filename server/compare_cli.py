@@ -31,11 +31,8 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loso-bn-mode", default="silobn", choices=("silobn", "fedbn", "shared"),
                    help="bn-mode of the leave-one-site-out federations (default: silobn, whose global model "
                         "carries the BN affine parameters)")
-    p.add_argument("--engine", default="inprocess", choices=("inprocess", "flower"),
-                   help="federations in this process (default; the same ServerApp/ClientApp code, no Ray) or in "
-                        "Flower's Simulation Engine (slower: Ray starts for every run)")
     p.add_argument("--workers", type=int, default=None,
-                   help="parallel jobs, each single-threaded (default: one per core; 1 with --engine flower)")
+                   help="parallel jobs (default 1: each federation runs in Flower's Simulation Engine over all cores)")
     p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
                    help="override [tool.flwr.app.config] keys for every strategy, e.g. \"local-epochs=1\"")
     p.set_defaults(func=cmd_compare)
@@ -72,7 +69,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = cfg.replace(**changes)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     plan = plan_compare(cfg, out=args.out.resolve(), seeds=args.seeds, strategies=strategies,
-                        loso=not args.no_loso, loso_bn_mode=args.loso_bn_mode, engine=args.engine)
+                        loso=not args.no_loso, loso_bn_mode=args.loso_bn_mode)
     logging.getLogger("fedrad.coordinator").setLevel(logging.WARNING)  # one line per job, not per round
     handlers = logging.getLogger("fedrad").handlers
     console = getattr(handlers[0], "console", None) if handlers else None

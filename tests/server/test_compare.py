@@ -1,4 +1,4 @@
-"""End to end on tiny sites: `fedrad compare` writes compare.json/md/png; in-process = Flower's engine; local = a
+"""End to end on tiny sites: `fedrad compare` writes compare.json/md/png; local = a
 federation of one."""
 
 import json
@@ -71,32 +71,18 @@ def one_thread():
     torch.set_num_threads(saved)
 
 
-def test_inprocess_engine_gives_flowers_simulation_result(data, tmp_path, one_thread):
-    """The swap of transport changes nothing: same histories, same bytes, same BN registry."""
-    from server.inprocess import run_inprocess
-    from server.simulate import simulate
-
-    cfg = tiny(data, tmp_path, num_server_rounds=2, bn_mode="silobn")
-    flower = simulate(cfg.replace(out_dir=str(tmp_path / "flower")), num_cpus=2)
-    mine = run_inprocess(cfg.replace(out_dir=str(tmp_path / "inproc")))
-    for a, b in zip(flower["sites"], mine["sites"]):
-        assert a["name"] == b["name"] and a["history"] == b["history"]
-        assert a["bytes_sent_per_round"] == b["bytes_sent_per_round"]
-    assert flower["bn_registry"] == mine["bn_registry"]
-
-
 def test_local_is_a_federation_of_one(data, tmp_path, one_thread):
     """`local` trains on the federation's schedule: a one-site federation gives the same model, the same AUC."""
     from client.dataset import load_site
     from common.preprocess import Preprocessor
     from server.centralised import run_local
-    from server.inprocess import run_inprocess
+    from server.simulate import simulate
 
     only = tmp_path / "only"
     only.mkdir()
     (only / "h0").symlink_to(data / "h0", target_is_directory=True)
     cfg = tiny(only, tmp_path / "fed", num_server_rounds=2, min_sites=1)
-    federated = run_inprocess(cfg)
+    federated = simulate(cfg, num_cpus=2)
     site = load_site(only / "h0", Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))
     local = run_local([site], cfg, tmp_path / "local")
     assert local["sites"][0]["auc"] == federated["sites"][0]["auc"]
