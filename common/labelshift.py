@@ -87,6 +87,20 @@ def prior_from_counts(counts: np.ndarray, *, smoothing: float = 0.0) -> np.ndarr
     return (counts + smoothing) / total
 
 
+def logit_adjustment(counts: np.ndarray, tau: float) -> np.ndarray:
+    """Additive logit offset τ · log π for the logit-adjusted loss (Menon et al. 2021).
+
+    Training on cross-entropy(logits + τ log π_site, y) makes softmax(logits + τ log π)
+    fit the site's labels, so the logits themselves estimate log p(x|y) + const: a head
+    averaged over sites is not pulled toward any site's prevalence, and its posterior
+    under any prior π is softmax(logits + τ log π). π comes from the site's labelled
+    counts with add-one smoothing, so an absent class gives a finite offset.
+    """
+    if tau < 0:
+        raise ValueError(f"logit-adjust (tau) must be >= 0; got {tau}.")
+    return tau * np.log(prior_from_counts(counts, smoothing=1.0))
+
+
 def correct_posteriors(probs: np.ndarray, prior_new: np.ndarray, prior_old: np.ndarray) -> np.ndarray:
     """Re-weight posteriors from prior `prior_old` to `prior_new`: p_new ∝ p_old · π_new / π_old.
 

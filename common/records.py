@@ -18,11 +18,19 @@ ARRAYS = "arrays"  # the shared weights (coordinator -> site and back)
 CONFIG = "config"  # run config (coordinator -> site)
 METRICS = "metrics"  # aggregates a site reports (counts, loss, AUC, ...)
 SITE = "site"  # who is replying: {"name": site folder name}
+LABEL_SHIFT = "label-shift"  # coordinator -> site (evaluate): the training prior {"prior-train-<c>": float}
 
 # Metric keys a site may send.
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
-TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds")
-EVAL_METRICS = (NUM_EXAMPLES, "auc", "balanced-accuracy", "ece", "test-loss")
+CLASS_COUNTS = ("n-class-0", "n-class-1")  # labelled images a site trained on, per class: the training prior
+LABEL_SHIFT_METRICS = (  # last round only (common.shift_flags, client.site_shift): scalars, never per image
+    "n-calibration", "n-deploy", "prior-em", "prior-bbse", "bcts-temperature", "bcts-bias",
+    "ece-uncorrected", "ece-corrected", "brier-uncorrected", "brier-corrected",
+    "balanced-accuracy-uncorrected", "balanced-accuracy-corrected",
+    "auc-personalised", "disagreement", "concept-shift", "label-shift-flags")
+TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds", *CLASS_COUNTS,
+                 "n-calibration")
+EVAL_METRICS = (NUM_EXAMPLES, "auc", "balanced-accuracy", "ece", "test-loss", *LABEL_SHIFT_METRICS)
 
 # A description of a RecordDict: record name -> (kind, {key: shape tuple or value type name}).
 Description = dict[str, tuple[str, dict[str, object]]]

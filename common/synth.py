@@ -290,7 +290,10 @@ def generate(
             writer.writerow(["image", "label", "split", "roi_x", "roi_y"])
             writer.writerows(rows)
         truth.append({**asdict(site), "n_train": int((~is_test).sum()), "n_test": int(is_test.sum()),
-                      "n_unlabelled": int(unlabelled.sum()), "prior_true": float(label.mean())})
+                      "n_unlabelled": int(unlabelled.sum()), "prior_true": float(label.mean()),
+                      # P(malignant) among the images a site's label-shift estimators see without labels
+                      # (unlabelled rows + test split): what its EM/BBSE estimates are measured against
+                      "prior_deployment_true": float(label[is_test | unlabelled].mean())})
         folders.append(folder)
         if on_site_done is not None:
             on_site_done(site.name, site.n_patients)

@@ -8,7 +8,9 @@ site). What it adds:
 - the mean is sample-weighted over exactly the shared keys: BatchNorm never reaches the
   coordinator in FedBN mode, so it cannot be touched here;
 - per site and per round it records the metrics the site reported and the bytes its
-  replies took on the wire (measured from the received messages, not from a formula).
+  replies took on the wire (measured from the received messages, not from a formula);
+- every evaluation carries the training prior formed from the sites' class counts
+  (`server.label_shift`), the reference of each site's label-shift correction.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.records import ARRAYS, METRICS, NUM_EXAMPLES, SITE, from_numpy, payload_bytes, to_numpy
+from common.records import ARRAYS, LABEL_SHIFT, METRICS, NUM_EXAMPLES, SITE, from_numpy, payload_bytes, to_numpy
 from server.aggregate import ArraySpec, UpdateRejected, validate_update, weighted_average
+from server.label_shift import prior_record, training_prior
 
 log = logging.getLogger("fedrad.coordinator")
 
@@ -63,6 +67,18 @@ class FedRad(FedAvg):
         n_values = sum(math.prod(s.shape) for s in self.expected.values())
         log.info("FedRad: averaging %d shared tensors (%d values), min %d sites per round",
                  len(self.expected), n_values, self.min_sites)
+
+    def training_prior(self) -> np.ndarray | None:
+        """Class prior of everything the sites trained on, from their latest class counts."""
+        return training_prior(site.train[max(site.train)] for site in self.sites.values() if site.train)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        prior = self.training_prior()
+        for msg in messages if prior is not None else []:
+            msg.content[LABEL_SHIFT] = prior_record(prior)
+        return messages
 
     def _site(self, name: str) -> SiteLog:
         return self.sites.setdefault(name, SiteLog(name))
