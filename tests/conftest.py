@@ -1,6 +1,10 @@
 """Shared fixtures."""
 
+import os
+
 import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see Makefile: no spinning OpenMP threads
 
 
 @pytest.fixture

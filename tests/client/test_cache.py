@@ -59,7 +59,7 @@ def test_cached_and_uncached_training_give_the_same_model(tmp_path, augment):
 
 
 def test_second_use_hits_the_disk_cache_in_a_fresh_process(tmp_path):
-    cfg = RunConfig(freeze_blocks=14, fov_mm=16.0)
+    cfg = RunConfig(freeze_blocks=14, fov_mm=16.0, augment="dihedral")
     data = site()
     first = site_inputs(build_model(cfg), cfg, data, tmp_path, CPU)
     MEMORY.clear()  # as in a new process (Deployment Engine: one process per message)
@@ -71,7 +71,7 @@ def test_second_use_hits_the_disk_cache_in_a_fresh_process(tmp_path):
 
 
 def test_changed_image_or_settings_are_misses(tmp_path):
-    cfg = RunConfig(freeze_blocks=14, fov_mm=16.0)
+    cfg = RunConfig(freeze_blocks=14, fov_mm=16.0, augment="dihedral")
     data = site()
     site_inputs(build_model(cfg), cfg, data, tmp_path, CPU)
     changed = site()
@@ -85,7 +85,7 @@ def test_changed_image_or_settings_are_misses(tmp_path):
 
 
 def test_cached_features_are_the_prefix_of_each_view(tmp_path):
-    cfg = RunConfig(freeze_blocks=10, fov_mm=16.0)
+    cfg = RunConfig(freeze_blocks=10, fov_mm=16.0, augment="dihedral")
     data = site(n=3)
     model = build_model(cfg)
     inputs = site_inputs(model, cfg, data, tmp_path, CPU)
