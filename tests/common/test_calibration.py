@@ -50,10 +50,12 @@ def test_bcts_with_a_prior_offset_stays_calibrated_under_the_reference_prior():
     assert abs(est.prior[1] - yt.mean()) < 0.02
 
 
-def test_bcts_on_separable_data_stays_finite():
-    z = np.array([[0.0, -3.0], [0.0, -2.0], [0.0, 2.0], [0.0, 3.0]])
-    cal = fit_bcts(z, np.array([0, 0, 1, 1]))
-    assert np.isfinite(cal.temperature) and np.all(np.isfinite(cal(z)))
+def test_bcts_on_a_few_separable_images_stays_near_the_identity():
+    # 16 perfectly separated images: maximum likelihood would send T to 0; the prior keeps the map sane
+    z = np.stack([np.zeros(16), np.r_[np.linspace(-6, -1, 8), np.linspace(1, 6, 8)]], axis=1)
+    cal = fit_bcts(z, np.r_[np.zeros(8, int), np.ones(8, int)])
+    assert 0.5 < cal.temperature < 1.5 and abs(cal.bias[1]) < 1.0
+    assert np.all(np.isfinite(cal(z)))
 
 
 def test_bcts_refuses_a_missing_class_by_count():
