@@ -19,7 +19,6 @@ from flwr.clientapp import ClientApp
 
 from client.dataset import SiteData, load_site_cached
 from client.features import SiteInputs, site_inputs
-from client.holdout import calibration_mask, subset_inputs
 from client.site_shift import evaluate_site
 from client.train import build_model, fit, pick_device
 from common.config import RunConfig
@@ -101,20 +100,16 @@ def write_summary(context: Context, cfg: RunConfig, data: SiteData, extra: dict[
 def train(msg: Message, context: Context) -> Message:
     cfg, data, model, inputs = prepare(msg, context)
     server_round = int(msg.content[CONFIG]["server-round"])
-    held_out = calibration_mask(data.keys_train, data.y_train, cfg.calibration_fraction if cfg.label_shift else 0.0,
-                                seed=cfg.seed)  # kept for calibration, never trained on
-    rows = np.flatnonzero(~held_out)
-    counts = np.bincount(data.y_train[rows], minlength=len(CLASS_COUNTS))
-    stats = fit(model, subset_inputs(inputs.train, rows), data.y_train[rows], cfg, seed=cfg.seed * 10_000 + server_round,
+    counts = np.bincount(data.y_train, minlength=len(CLASS_COUNTS))  # the site's prior, and its share of π_train
+    stats = fit(model, inputs.train, data.y_train, cfg, seed=cfg.seed * 10_000 + server_round,
                 device=pick_device(cfg.device),
                 logit_offset=logit_adjustment(counts, cfg.logit_adjust) if cfg.logit_adjust else None)
     state = model.state_dict()
     context.state[LOCAL_STATE] = to_array_record(state, local_keys(model, cfg.bn_mode))
     write_summary(context, cfg, data, {"round": server_round, **stats, "cache-hits": inputs.cache_hits,
                                        "cache-misses": inputs.cache_misses})
-    metrics = {NUM_EXAMPLES: len(rows), "n-train": len(rows), "n-test": len(data.y_test),
-               "n-skipped": len(data.skipped), **stats, **dict(zip(CLASS_COUNTS, map(int, counts))),
-               "n-calibration": int(held_out.sum())}
+    metrics = {NUM_EXAMPLES: len(data.y_train), "n-train": len(data.y_train), "n-test": len(data.y_test),
+               "n-skipped": len(data.skipped), **stats, **dict(zip(CLASS_COUNTS, map(int, counts)))}
     return reply(msg, data, to_array_record(state, list(msg.content[ARRAYS].keys())), metrics)
 
 

@@ -6,43 +6,53 @@ labelled counts): with the logit-adjusted loss the model's logits carry no prior
 p_train(y|x) = softmax(z + τ log π_train).
 
 In the last round (`label-shift` on) the site also, all locally:
-1. calibrates: BCTS on its held-out labelled rows (`client.holdout`), fitted so that the
-   calibrated posteriors q describe π_train, not the site's own prevalence;
-2. estimates its prior on its deployment images D (its unlabelled images plus its test
-   images with the labels hidden) by EM on q, and by BBSE as a second estimate;
-3. corrects: p_site(y|x) ∝ q(y|x) · π_EM(y) / π_train(y), and measures ECE, Brier score
-   and balanced accuracy on its test split before and after;
-4. personalises a copy of its decision layer on its labelled images (`client.personalise`)
-   and measures how often it disagrees with the corrected global model on D (concept shift).
-What leaves the site are scalar aggregates only; the fitted calibration, the estimates and
-the personalised head are written to the site's own work folder. Anything degenerate (a
-class absent, too few held-out images, no unlabelled images, EM not converging) raises a
-`ShiftFlag`, is logged with the site's name, and leaves the posteriors uncorrected.
+1. calibrates: BCTS on its labelled test split (held out from training), fitted so that
+   the calibrated posteriors q describe π_train, not the site's own prevalence;
+2. estimates its prior on its unlabelled images by EM on q (BBSE as a second estimate);
+   a site with fewer than MIN_UNLABELLED unlabelled images uses its labelled prior;
+3. corrects: p_site(y|x) ∝ q(y|x) · π_site(y) / π_train(y), and reports ECE, Brier score
+   and balanced accuracy on its test split before and after. Calibration and estimate
+   are cross-fitted (`client.folds`): each test image is corrected by maps fitted on the
+   other fold, so no image is scored by a map fitted on its own label;
+4. personalises a copy of its decision layer on its own labels (`client.personalise`),
+   cross-fitted the same way, and reports its AUC and how often its decisions disagree
+   with the federation's reading of the site's images (a sign of concept shift): the
+   global model calibrated by temperature only, re-weighted to the prior EM infers from
+   the site's images with their labels hidden. Neither may learn from the site's labels
+   where its decision threshold lies: a threshold moved by a stricter labelling rule is
+   exactly what concept shift looks like, and a per-site bias, or the site's labelled
+   prior, would absorb it and hide it.
+Only scalar aggregates leave the site; the calibration, the estimates and the
+personalised head (fitted on all the site's labels) stay in its work folder. Anything
+degenerate raises a `ShiftFlag`, is logged with the site's name and, where the flag says
+so, leaves the posteriors uncorrected.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.special import log_softmax, softmax
+from scipy.special import log_softmax
 from sklearn.metrics import roc_auc_score
 
 from client.dataset import SiteData
 from client.features import SiteInputs
-from client.holdout import calibration_mask
+from client.folds import can_calibrate, two_folds
 from client.personalise import disagreement, head_probs, personalise_head
 from client.train import NUM_CLASSES, Inputs, autocast
-from common.calibration import fit_bcts
+from common.calibration import BCTS, fit_bcts
 from common.config import RunConfig
 from common.efficientnet_lite import EfficientNetLite0
 from common.labelshift import bbse_prior, correct_posteriors, em_prior, prior_from_counts
 from common.metrics import brier_score, classification_metrics
 from common.shift_flags import FALLBACK, ShiftFlag, describe
 
+MIN_UNLABELLED = 30  # unlabelled images needed before EM's estimate replaces the labelled prior
 log = logging.getLogger("fedrad.site")
 
 
@@ -53,7 +63,7 @@ def model_outputs(model: EfficientNetLite0, inputs: Inputs | None, device: torch
     features: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []
     n = 0 if inputs is None else inputs.n
-    if n == 0:
+    if inputs is None or n == 0:
         return np.zeros((0, NUM_CLASSES)), np.zeros((0, model._fc.in_features))
     hook = model._fc.register_forward_hook(lambda _m, args, _out: features.append(args[0].float().cpu()))
     model.eval()
@@ -76,8 +86,22 @@ def reference_prior(prior_train: np.ndarray | None, y_labelled: np.ndarray) -> t
     """π_train from the coordinator, or (flagged) the site's own labelled prior when none came."""
     if prior_train is not None:
         return np.asarray(prior_train, dtype=np.float64), ShiftFlag.NONE
-    counts = np.bincount(np.asarray(y_labelled, dtype=int), minlength=NUM_CLASSES)
-    return prior_from_counts(counts, smoothing=1.0), ShiftFlag.NO_TRAIN_PRIOR
+    return _counts_prior(y_labelled), ShiftFlag.NO_TRAIN_PRIOR
+
+
+def _counts_prior(y: np.ndarray) -> np.ndarray:
+    return prior_from_counts(np.bincount(np.asarray(y, dtype=int), minlength=NUM_CLASSES), smoothing=1.0)
+
+
+@dataclass
+class SiteCorrection:
+    """What `correct_site` found: scalars to report and per-image posteriors that stay at the site."""
+
+    metrics: dict[str, float]
+    corrected: np.ndarray  # (N, K) calibrated, prior-corrected test posteriors (cross-fitted)
+    reference: np.ndarray  # (N, K) temperature-scaled posteriors under the images' EM prior (cross-fitted)
+    flags: ShiftFlag = ShiftFlag.NONE
+    calibrate: BCTS | None = field(default=None)  # fitted on all test images: the map the site keeps
 
 
 def evaluate_site(model: EfficientNetLite0, inputs: SiteInputs, data: SiteData, cfg: RunConfig,
@@ -88,104 +112,139 @@ def evaluate_site(model: EfficientNetLite0, inputs: SiteInputs, data: SiteData, 
     z_test, f_test = model_outputs(model, inputs.test, device)
     g_test = train_log_posteriors(z_test, ref, cfg.logit_adjust)
     metrics = classification_metrics(data.y_test, np.exp(g_test[:, 1]))
-    if final and cfg.label_shift:
-        metrics.update(analyse_shift(model, inputs, data, cfg, device, ref=ref, flags=flags, g_test=g_test,
-                                     f_test=f_test, work_dir=work_dir))
-    return metrics
-
-
-def analyse_shift(model: EfficientNetLite0, inputs: SiteInputs, data: SiteData, cfg: RunConfig,
-                  device: torch.device, *, ref: np.ndarray, flags: ShiftFlag, g_test: np.ndarray,
-                  f_test: np.ndarray, work_dir: Path) -> dict[str, float]:
-    """Steps 1-4 of the module docstring; returns the finite scalar metrics to report."""
-    site, tau = data.name, cfg.logit_adjust
-    y_lab, y_test = data.y_train, data.y_test
-    cal = calibration_mask(data.keys_train, y_lab, cfg.calibration_fraction, seed=cfg.seed)
-    z_lab, f_lab = model_outputs(model, inputs.train, device)
-    z_unl, f_unl = model_outputs(model, inputs.unlabelled, device)
-    g_lab = train_log_posteriors(z_lab, ref, tau)
-    g_deploy = np.concatenate([train_log_posteriors(z_unl, ref, tau), g_test])
-    f_deploy = np.concatenate([f_unl, f_test])
-    counts = np.bincount(y_lab, minlength=NUM_CLASSES)
-    if np.any(counts == 0):
-        flags |= ShiftFlag.CLASS_ABSENT
-    elif not cal.any():
-        flags |= ShiftFlag.FEW_CALIBRATION
-    if len(g_deploy) == 0:
-        flags |= ShiftFlag.FEW_UNLABELLED
-    out: dict[str, float] = {"n-calibration": int(cal.sum()), "n-deploy": len(g_deploy)}
-    local: dict[str, object] = {"site": site, "prior_train": ref.tolist()}
-    p_test = np.exp(g_test)
-    p_deploy_global = np.exp(g_deploy)
-    corrected_test = p_test
-    if not flags & (ShiftFlag.CLASS_ABSENT | ShiftFlag.FEW_CALIBRATION):
-        try:
-            calibrate = fit_bcts(g_lab[cal], y_lab[cal], prior_ref=ref,
-                                 prior_fit=prior_from_counts(np.bincount(y_lab[cal], minlength=NUM_CLASSES)))
-        except ValueError as err:
-            log.warning("site %s: calibration failed: %s", site, err)
-            flags |= ShiftFlag.FEW_CALIBRATION
+    if not (final and cfg.label_shift):
+        return metrics
+    z_unl, _ = model_outputs(model, inputs.unlabelled, device)
+    folds = two_folds(data.keys_test, data.y_test, seed=cfg.seed)
+    fix = correct_site(g_test, data.y_test, folds, train_log_posteriors(z_unl, ref, cfg.logit_adjust), ref,
+                       _counts_prior(data.y_train), flags)
+    out, flags = fix.metrics, fix.flags
+    if cfg.personalise_steps:
+        _, f_lab = model_outputs(model, inputs.train, device)
+        bias = model._fc.bias.detach().double().cpu().numpy() + cfg.logit_adjust * np.log(ref)
+        personal, head = personalise_site(f_lab, data.y_train, f_test, data.y_test, folds, fix.reference,
+                                          model._fc.weight.detach().double().cpu().numpy(), bias, cfg)
+        out.update(personal)
+        if head is None:
+            flags |= ShiftFlag.NOT_PERSONALISED
         else:
-            out.update({"bcts-temperature": calibrate.temperature, "bcts-bias": float(calibrate.bias[1])})
-            local.update(bcts_temperature=calibrate.temperature, bcts_bias=calibrate.bias.tolist())
-            bbse = bbse_prior(calibrate(g_lab[cal]), y_lab[cal], calibrate(g_deploy))
+            work_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(work_dir / "personalised-head.npz", weight=head[0], bias=head[1])
+    out["label-shift-flags"] = int(flags)
+    warnings = describe(flags, data.name)
+    for warning in warnings:
+        log.warning("%s", warning)
+    record = {"site": data.name, "prior_train": ref.tolist(), **out, "warnings": warnings}
+    if fix.calibrate is not None:
+        record.update(bcts_temperature=fix.calibrate.temperature, bcts_bias=fix.calibrate.bias.tolist())
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "label-shift.json").write_text(json.dumps(record, indent=2, default=float))
+    return {**metrics, **{k: float(v) for k, v in out.items() if np.isfinite(v)}}
+
+
+def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_unl: np.ndarray, ref: np.ndarray,
+                 labelled_prior: np.ndarray, flags: ShiftFlag = ShiftFlag.NONE) -> SiteCorrection:
+    """Steps 1-3: estimates on the unlabelled images, cross-fitted correction of the test split.
+
+    Args:
+        g_test: log p_train(y|x) of the test images (N, K); y_test: their labels; folds: 0/1 per image.
+        g_unl: log p_train(y|x) of the unlabelled images (M, K).
+        ref: π_train; labelled_prior: the site's prior from its labelled training counts.
+        flags: Flags raised before (e.g. no training prior came).
+    """
+    p_test = np.exp(g_test)
+    out: dict[str, float] = {"n-unlabelled": len(g_unl)}
+    use_em = len(g_unl) >= MIN_UNLABELLED
+    if not use_em:
+        flags |= ShiftFlag.FEW_UNLABELLED
+    if np.any(np.bincount(y_test, minlength=NUM_CLASSES) == 0):
+        flags |= ShiftFlag.CLASS_ABSENT
+    elif not all(can_calibrate(y_test[folds == f]) for f in (0, 1)):
+        flags |= ShiftFlag.FEW_CALIBRATION
+    calibrate = None
+    if not flags & (ShiftFlag.CLASS_ABSENT | ShiftFlag.FEW_CALIBRATION):
+        calibrate = _calibrate(g_test, y_test, ref)
+        out.update({"bcts-temperature": calibrate.temperature, "bcts-bias": float(calibrate.bias[1])})
+        prior_site = labelled_prior
+        if use_em:
+            em = em_prior(calibrate(g_unl), ref)
+            if em.ok:
+                out["prior-em"] = float(em.prior[1])
+                prior_site = em.prior
+            else:
+                flags |= ShiftFlag.EM_FAILED
+            bbse = bbse_prior(calibrate(g_test), y_test, calibrate(g_unl))
             if bbse.ok:
                 out["prior-bbse"] = float(bbse.prior[1])
             else:
                 flags |= ShiftFlag.BBSE_FAILED
-                local["bbse"] = bbse.reason
-            em = em_prior(calibrate(g_deploy), ref)
-            if em.ok:
-                out["prior-em"] = float(em.prior[1])
-                local["em_iterations"] = em.iterations
-                corrected_test = correct_posteriors(calibrate(g_test), em.prior, ref)
-                p_deploy_global = correct_posteriors(calibrate(g_deploy), em.prior, ref)
-            else:
-                flags |= ShiftFlag.EM_FAILED if len(g_deploy) else ShiftFlag.NONE
-                local["em"] = em.reason
+        out["prior-site"] = float(prior_site[1])
+    corrected, reference = p_test.copy(), p_test.copy()
+    for f in (0, 1) if not flags & FALLBACK else ():
+        fit, score = folds != f, folds == f
+        cal_f = _calibrate(g_test[fit], y_test[fit], ref)
+        reference[score] = _federation_view(_calibrate(g_test[fit], y_test[fit], ref, bias=False),
+                                            g_test[score], g_unl, ref)
+        prior_f = labelled_prior
+        if use_em:
+            em_f = em_prior(cal_f(g_unl), ref)
+            if not em_f.ok:
+                flags |= ShiftFlag.EM_FAILED
+                break
+            prior_f = em_f.prior
+        corrected[score] = correct_posteriors(cal_f(g_test[score]), prior_f, ref)
     if flags & FALLBACK:  # the safe fallback: the global model's own posteriors, uncorrected
-        corrected_test, p_deploy_global = p_test, np.exp(g_deploy)
-    for name, probs in (("uncorrected", p_test), ("corrected", corrected_test)):
+        corrected = p_test
+        out.pop("prior-site", None)
+    for name, probs in (("uncorrected", p_test), ("corrected", corrected)):
         m = classification_metrics(y_test, probs[:, 1])
         out.update({f"ece-{name}": m["ece"], f"brier-{name}": brier_score(y_test, probs[:, 1]),
                     f"balanced-accuracy-{name}": m["balanced-accuracy"]})
-    flags |= _personalise(model, cfg, data, out, f_lab, f_test, f_deploy, p_deploy_global, ref, work_dir)
-    out["label-shift-flags"] = int(flags)
-    warnings = describe(flags, site)
-    for warning in warnings:
-        log.warning("%s", warning)
-    local.update({k: v for k, v in out.items()}, warnings=warnings)
-    _write_json(work_dir / "label-shift.json", local)
-    return {k: float(v) for k, v in out.items() if np.isfinite(v)}
+    return SiteCorrection(out, corrected, reference, flags, calibrate)
 
 
-def _personalise(model: EfficientNetLite0, cfg: RunConfig, data: SiteData, out: dict[str, float],
-                 f_lab: np.ndarray, f_test: np.ndarray, f_deploy: np.ndarray, p_deploy_global: np.ndarray,
-                 ref: np.ndarray, work_dir: Path) -> ShiftFlag:
-    """Fine-tune a site-only head (kept in the work folder); add its AUC and disagreement to `out`."""
-    if cfg.personalise_epochs == 0:
-        return ShiftFlag.NONE
-    weight = model._fc.weight.detach().double().cpu().numpy()
-    # start from the global decision under π_train: the prior term becomes part of the bias
-    bias = model._fc.bias.detach().double().cpu().numpy() + cfg.logit_adjust * np.log(ref)
+def _federation_view(temperature: BCTS, g_score: np.ndarray, g_unl: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """The global model's posteriors for images `g_score` under the prior it reads off the site's images.
+
+    Temperature-scaled, re-weighted to the EM prior of the site's unlabelled images plus
+    these (labels unseen); π_train where EM fails.
+    """
+    q = temperature(g_score)
+    em = em_prior(np.concatenate([temperature(g_unl), q]), ref)
+    return correct_posteriors(q, em.prior, ref) if em.ok else q
+
+
+def _calibrate(g: np.ndarray, y: np.ndarray, ref: np.ndarray, *, bias: bool = True) -> BCTS:
+    """BCTS on held-out images whose own prior (from their labels) is factored out: q describes π_ref."""
+    return fit_bcts(g, y, prior_fit=prior_from_counts(np.bincount(y, minlength=NUM_CLASSES), smoothing=1.0),
+                    prior_ref=ref, bias=bias)
+
+
+def personalise_site(f_lab: np.ndarray, y_lab: np.ndarray, f_test: np.ndarray, y_test: np.ndarray,
+                     folds: np.ndarray, reference: np.ndarray, weight: np.ndarray, bias: np.ndarray,
+                     cfg: RunConfig) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray] | None]:
+    """Step 4: cross-fitted personalised head vs the global model's `reference` posteriors on the test split.
+
+    For each fold, a copy of the head (`weight`, `bias`: the global decision under π_train)
+    is fine-tuned on the training images plus the other fold and scores this fold. The
+    head the site keeps is fine-tuned on all its labelled images. Returns the scalars and
+    that head, or ({}, None) when it cannot be fitted (one class only).
+    """
+    def fit(features: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return personalise_head(features, y, weight, bias, steps=cfg.personalise_steps, l2=cfg.personalise_l2)
+
     try:
-        weight, bias = personalise_head(f_lab, data.y_train, weight, bias, epochs=cfg.personalise_epochs,
-                                        lr=cfg.personalise_lr, seed=cfg.seed)
-    except ValueError as err:
-        log.warning("site %s: %s", data.name, err)
-        return ShiftFlag.NOT_PERSONALISED
-    p_test = head_probs(f_test, weight, bias)
-    if np.unique(data.y_test).size == 2:
-        out["auc-personalised"] = float(roc_auc_score(data.y_test, p_test[:, 1]))
-    rate = disagreement(head_probs(f_deploy, weight, bias), p_deploy_global)
-    out["disagreement"] = rate
+        head = fit(np.concatenate([f_lab, f_test]), np.concatenate([y_lab, y_test]))
+        personal = np.zeros_like(reference)
+        for f in (0, 1):
+            w, b = fit(np.concatenate([f_lab, f_test[folds != f]]), np.concatenate([y_lab, y_test[folds != f]]))
+            personal[folds == f] = head_probs(f_test[folds == f], w, b)
+    except ValueError:  # one class only: nothing to personalise (ShiftFlag.NOT_PERSONALISED)
+        return {}, None
+    out: dict[str, float] = {}
+    if np.unique(y_test).size == 2:
+        out["auc-personalised"] = float(roc_auc_score(y_test, personal[:, 1]))
+    rate = disagreement(personal, reference)
     if np.isfinite(rate):
-        out["concept-shift"] = int(rate >= cfg.disagreement_threshold)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(work_dir / "personalised-head.npz", weight=weight, bias=bias)
-    return ShiftFlag.NONE
-
-
-def _write_json(path: Path, payload: dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=float))
+        out.update({"disagreement": rate, "concept-shift": int(rate >= cfg.disagreement_threshold)})
+    return out, head

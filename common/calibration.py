@@ -70,7 +70,7 @@ def _validate(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_bcts(z: np.ndarray, y: np.ndarray, *, prior_fit: np.ndarray | None = None,
-             prior_ref: np.ndarray | None = None, min_per_class: int = 2) -> BCTS:
+             prior_ref: np.ndarray | None = None, min_per_class: int = 2, bias: bool = True) -> BCTS:
     """Fit BCTS on held-out logits `z` (N, K) with labels `y` (N,).
 
     Args:
@@ -80,6 +80,7 @@ def fit_bcts(z: np.ndarray, y: np.ndarray, *, prior_fit: np.ndarray | None = Non
             `prior_ref`, the fit corrects for the difference (see module docstring).
         prior_ref: Prior the calibrated posteriors should describe.
         min_per_class: Each class needs at least this many held-out images.
+        bias: False fits the temperature alone (plain temperature scaling, b = 0).
 
     Raises:
         ValueError: Bad shapes/labels, or a class with fewer than `min_per_class` images
@@ -111,7 +112,7 @@ def fit_bcts(z: np.ndarray, y: np.ndarray, *, prior_fit: np.ndarray | None = Non
         grad = np.concatenate([[np.sum(du * (-z / t))], du.sum(axis=0)[1:]]) + precision * theta
         return float(loss), grad
 
-    bounds = [LOG_T_BOUNDS] + [(-BIAS_BOUND, BIAS_BOUND)] * (k - 1)
+    bounds = [LOG_T_BOUNDS] + [(-BIAS_BOUND, BIAS_BOUND) if bias else (0.0, 0.0)] * (k - 1)
     result = minimize(loss_and_grad, np.zeros(k), jac=True, method="L-BFGS-B", bounds=bounds)
     if not np.all(np.isfinite(result.x)):
         raise ValueError("BCTS optimisation produced non-finite parameters.")

@@ -24,12 +24,11 @@ LABEL_SHIFT = "label-shift"  # coordinator -> site (evaluate): the training prio
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
 CLASS_COUNTS = ("n-class-0", "n-class-1")  # labelled images a site trained on, per class: the training prior
 LABEL_SHIFT_METRICS = (  # last round only (common.shift_flags, client.site_shift): scalars, never per image
-    "n-calibration", "n-deploy", "prior-em", "prior-bbse", "bcts-temperature", "bcts-bias",
+    "n-unlabelled", "prior-em", "prior-bbse", "prior-site", "bcts-temperature", "bcts-bias",
     "ece-uncorrected", "ece-corrected", "brier-uncorrected", "brier-corrected",
     "balanced-accuracy-uncorrected", "balanced-accuracy-corrected",
     "auc-personalised", "disagreement", "concept-shift", "label-shift-flags")
-TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds", *CLASS_COUNTS,
-                 "n-calibration")
+TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds", *CLASS_COUNTS)
 EVAL_METRICS = (NUM_EXAMPLES, "auc", "balanced-accuracy", "ece", "test-loss", *LABEL_SHIFT_METRICS)
 
 # A description of a RecordDict: record name -> (kind, {key: shape tuple or value type name}).

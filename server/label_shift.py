@@ -8,8 +8,9 @@ reference its posteriors and corrections are expressed against.
 Per site the report shows what the site measured in the last round (`client.site_shift`):
 the estimated priors, ECE / Brier / balanced accuracy before and after correction, global
 vs personalised AUC and the concept-shift flag, with the site's fallback reasons turned
-into sentences (`common.shift_flags`). In simulation the true prior of each site's
-deployment images comes from the generator's `truth.json` (`prior_deployment_true`).
+into sentences (`common.shift_flags`). In simulation the true prior comes from the
+generator's `truth.json`: P(malignant) among the site's unlabelled images (what its EM
+estimate is measured against), or among all its images when it has none.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from common.shift_flags import describe
 TRUTH_FILE = "truth.json"
 # report.json key <- site metric key
 REPORT_KEYS = {
-    "prior_em": "prior-em", "prior_bbse": "prior-bbse", "n_deploy": "n-deploy", "n_calibration": "n-calibration",
+    "prior_em": "prior-em", "prior_bbse": "prior-bbse", "prior_site": "prior-site", "n_unlabelled": "n-unlabelled",
     "bcts_temperature": "bcts-temperature", "bcts_bias": "bcts-bias",
     "ece_uncorrected": "ece-uncorrected", "ece_corrected": "ece-corrected",
     "brier_uncorrected": "brier-uncorrected", "brier_corrected": "brier-corrected",
@@ -71,7 +72,9 @@ def _finite(value: Any) -> float | None:
 
 def site_fields(name: str, last_eval: Mapping[str, float], truth: Mapping[str, Any] | None) -> dict[str, Any]:
     """The label-shift keys of one site's row in report.json (null where the site measured nothing)."""
-    fields: dict[str, Any] = {"prior_true": _finite((truth or {}).get("prior_deployment_true"))}
+    truth = truth or {}
+    unlabelled = truth.get("prior_unlabelled_true")
+    fields: dict[str, Any] = {"prior_true": _finite(truth.get("prior_true") if unlabelled is None else unlabelled)}
     fields.update({key: _finite(last_eval.get(metric)) for key, metric in REPORT_KEYS.items()})
     concept = last_eval.get("concept-shift")
     fields["concept_shift"] = None if concept is None else bool(concept)
@@ -90,15 +93,19 @@ def markdown_section(report: Mapping[str, Any]) -> list[str]:
         return []
     prior = report.get("prior_train")
     lines = ["", "## Label shift and concept shift (last round)", "",
-             f"Training prior P(malignant) = {_fmt(prior)} (from the sites' labelled counts). Priors are "
-             "P(malignant) among each site's deployment images (unlabelled + test, labels hidden).", "",
-             "| site | n deploy | prior true | EM | BBSE | ECE before → after | Brier before → after | "
-             "bal. acc. before → after | AUC global | AUC personalised | disagreement |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"Training prior P(malignant) = {_fmt(prior)} (from the sites' labelled counts). EM and BBSE estimate "
+             "P(malignant) among a site's unlabelled images (true: simulation truth); the prior used is EM's, or "
+             "the labelled prior where a site has too few unlabelled images. Before → after: the global model's "
+             "posteriors vs calibrated and prior-corrected ones, on the test split (cross-fitted). Balanced "
+             "accuracy at threshold 0.5 may fall after correction at a skewed prior: Bayes decisions maximise "
+             "accuracy, not balanced accuracy.", "",
+             "| site | n unlabelled | prior true | EM | BBSE | prior used | ECE before → after | "
+             "Brier before → after | bal. acc. before → after | AUC global | AUC personalised | disagreement |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in sites:
         flag = " ⚑" if s.get("concept_shift") else ""
-        lines.append(f"| {s['name']} | {s.get('n_deploy') or 0:.0f} | {_fmt(s.get('prior_true'))} | "
-                     f"{_fmt(s.get('prior_em'))} | {_fmt(s.get('prior_bbse'))} | "
+        lines.append(f"| {s['name']} | {s.get('n_unlabelled') or 0:.0f} | {_fmt(s.get('prior_true'))} | "
+                     f"{_fmt(s.get('prior_em'))} | {_fmt(s.get('prior_bbse'))} | {_fmt(s.get('prior_site'))} | "
                      f"{_fmt(s.get('ece_uncorrected'))} → {_fmt(s.get('ece_corrected'))} | "
                      f"{_fmt(s.get('brier_uncorrected'))} → {_fmt(s.get('brier_corrected'))} | "
                      f"{_fmt(s.get('balanced_accuracy_uncorrected'))} → {_fmt(s.get('balanced_accuracy_corrected'))} | "
@@ -107,9 +114,10 @@ def markdown_section(report: Mapping[str, Any]) -> list[str]:
     flagged = [s["name"] for s in sites if s.get("concept_shift")]
     if flagged:
         lines += ["", f"⚑ Concept shift suspected at {', '.join(flagged)}: the site's personalised decision layer "
-                  "disagrees with the corrected global model on more than the disagreement-threshold of its "
-                  "images, a sign that P(Y|X) differs there (its labels follow another rule); prior correction "
-                  "cannot fix that, the personalised head (kept at the site) can."]
+                  "(fitted on its own labels) disagrees on at least the disagreement-threshold of its test images "
+                  "with the federation's reading of its images (the global model at the prior it infers from "
+                  "them): its labels follow another rule, P(Y|X) differs. Prior correction cannot fix that; the "
+                  "personalised head, kept at the site, can."]
     warnings = [w for s in sites for w in s.get("label_shift_warnings", [])]
     if warnings:
         lines += ["", "Warnings:", ""] + [f"- {w}" for w in warnings]

@@ -73,3 +73,9 @@ def test_brier_score():
     assert brier_score(np.array([0, 1]), np.array([0.0, 1.0])) == 0.0
     assert brier_score(np.array([0, 1]), np.array([0.5, 0.5])) == pytest.approx(0.25)
     assert np.isnan(brier_score(np.array([]), np.array([])))
+
+
+def test_temperature_only_keeps_the_bias_at_zero():
+    z, y, _ = miscalibrated(20_000, 0.5, seed=5)
+    cal = fit_bcts(z, y, bias=False)
+    assert np.all(cal.bias == 0.0) and 1.5 < cal.temperature < 2.5
