@@ -134,7 +134,8 @@ def evaluate_site(model: EfficientNetLite0, inputs: SiteInputs, data: SiteData, 
     warnings = describe(flags, data.name)
     for warning in warnings:
         log.warning("%s", warning)
-    record = {"site": data.name, "prior_train": ref.tolist(), **out, "warnings": warnings}
+    finite = {k: (float(v) if np.isfinite(v) else None) for k, v in out.items()}
+    record = {"site": data.name, "prior_train": ref.tolist(), **finite, "warnings": warnings}
     if fix.calibrate is not None:
         record.update(bcts_temperature=fix.calibrate.temperature, bcts_bias=fix.calibrate.bias.tolist())
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -180,11 +181,14 @@ def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_un
                 flags |= ShiftFlag.BBSE_FAILED
         out["prior-site"] = float(prior_site[1])
     corrected, reference = p_test.copy(), p_test.copy()
+    for f in (0, 1):
+        fit, score = folds != f, folds == f
+        temperature = BCTS.identity(NUM_CLASSES) if calibrate is None else _calibrate(g_test[fit], y_test[fit], ref,
+                                                                                       bias=False)
+        reference[score] = _federation_view(temperature, g_test[score], g_unl, ref)
     for f in (0, 1) if not flags & FALLBACK else ():
         fit, score = folds != f, folds == f
         cal_f = _calibrate(g_test[fit], y_test[fit], ref)
-        reference[score] = _federation_view(_calibrate(g_test[fit], y_test[fit], ref, bias=False),
-                                            g_test[score], g_unl, ref)
         prior_f = labelled_prior
         if use_em:
             em_f = em_prior(cal_f(g_unl), ref)
@@ -206,9 +210,11 @@ def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_un
 def _federation_view(temperature: BCTS, g_score: np.ndarray, g_unl: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """The global model's posteriors for images `g_score` under the prior it reads off the site's images.
 
-    Temperature-scaled, re-weighted to the EM prior of the site's unlabelled images plus
-    these (labels unseen); π_train where EM fails.
+    Temperature-scaled (identity where the site cannot calibrate), re-weighted to the EM
+    prior of the site's unlabelled images plus these (labels unseen); π_train where EM fails.
     """
+    if len(g_score) == 0:
+        return np.zeros((0, NUM_CLASSES))
     q = temperature(g_score)
     em = em_prior(np.concatenate([temperature(g_unl), q]), ref)
     return correct_posteriors(q, em.prior, ref) if em.ok else q

@@ -127,3 +127,25 @@ def test_folds_are_stratified_balanced_and_stable():
     order = np.random.default_rng(0).permutation(11)  # the fold of an image follows its key, not its row
     again = two_folds([keys[i] for i in order], y[order], seed=3)
     assert np.array_equal(again, folds[order])
+
+
+def band_site(n: int, prior_pos: float, threshold: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Like the generator: latent class, score x ~ N(±1, 1); labels flipped to 1 for x in (threshold, 0]."""
+    rng = np.random.default_rng(seed)
+    latent = (rng.random(n) < prior_pos).astype(int)
+    x = rng.normal(np.where(latent == 1, 1.0, -1.0), 1.0)
+    y = np.where((x > threshold) & (x <= 0), 1, latent)
+    features = np.stack([x, rng.normal(size=n)], axis=1)
+    return features, log_softmax(np.stack([np.zeros(n), 2 * x], axis=1), axis=1), y  # exact posterior at prior .5
+
+
+@pytest.mark.parametrize("prior_pos, threshold, flagged", [(0.8, 0.0, False), (0.35, -1.2, True)])
+def test_concept_shift_is_flagged_and_label_shift_is_not(prior_pos, threshold, flagged):
+    f_lab, _, y_lab = band_site(400, prior_pos, threshold, seed=20)
+    f_test, g_test, y_test = band_site(400, prior_pos, threshold, seed=21)
+    _, g_unl, _ = band_site(400, prior_pos, threshold, seed=22)
+    folds = folds_of(y_test)
+    fix = correct_site(g_test, y_test, folds, g_unl, REF, np.bincount(y_lab) / len(y_lab))
+    out, _ = personalise_site(f_lab, y_lab, f_test, y_test, folds, fix.reference, np.array([[0.0, 0.0], [2.0, 0.0]]),
+                              np.zeros(2), RunConfig())
+    assert bool(out["concept-shift"]) is flagged, out["disagreement"]
