@@ -53,6 +53,7 @@ from common.metrics import brier_score, classification_metrics
 from common.shift_flags import FALLBACK, ShiftFlag, describe
 
 MIN_UNLABELLED = 30  # unlabelled images needed before EM's estimate replaces the labelled prior
+MIN_CONCEPT_TEST = 80  # labelled test images needed to judge concept shift (disagreement's SE ~ 0.04 there)
 log = logging.getLogger("fedrad.site")
 
 
@@ -185,7 +186,7 @@ def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_un
         fit, score = folds != f, folds == f
         temperature = BCTS.identity(NUM_CLASSES) if calibrate is None else _calibrate(g_test[fit], y_test[fit], ref,
                                                                                        bias=False)
-        reference[score] = _federation_view(temperature, g_test[score], g_unl, ref)
+        reference[score] = _federation_view(temperature, g_test[score], np.concatenate([g_unl, g_test]), ref)
     for f in (0, 1) if not flags & FALLBACK else ():
         fit, score = folds != f, folds == f
         cal_f = _calibrate(g_test[fit], y_test[fit], ref)
@@ -207,16 +208,17 @@ def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_un
     return SiteCorrection(out, corrected, reference, flags, calibrate)
 
 
-def _federation_view(temperature: BCTS, g_score: np.ndarray, g_unl: np.ndarray, ref: np.ndarray) -> np.ndarray:
+def _federation_view(temperature: BCTS, g_score: np.ndarray, g_images: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """The global model's posteriors for images `g_score` under the prior it reads off the site's images.
 
     Temperature-scaled (identity where the site cannot calibrate), re-weighted to the EM
-    prior of the site's unlabelled images plus these (labels unseen); π_train where EM fails.
+    prior of `g_images` (the site's unlabelled and test images, labels unseen); π_train
+    where EM fails.
     """
     if len(g_score) == 0:
         return np.zeros((0, NUM_CLASSES))
     q = temperature(g_score)
-    em = em_prior(np.concatenate([temperature(g_unl), q]), ref)
+    em = em_prior(temperature(g_images), ref)
     return correct_posteriors(q, em.prior, ref) if em.ok else q
 
 
@@ -234,7 +236,8 @@ def personalise_site(f_lab: np.ndarray, y_lab: np.ndarray, f_test: np.ndarray, y
     For each fold, a copy of the head (`weight`, `bias`: the global decision under π_train)
     is fine-tuned on the training images plus the other fold and scores this fold. The
     head the site keeps is fine-tuned on all its labelled images. Returns the scalars and
-    that head, or ({}, None) when it cannot be fitted (one class only).
+    that head, or ({}, None) when it cannot be fitted (one class only). Concept shift
+    is judged (flag 0/1) only with at least MIN_CONCEPT_TEST test images.
     """
     def fit(features: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return personalise_head(features, y, weight, bias, steps=cfg.personalise_steps, l2=cfg.personalise_l2)
@@ -252,5 +255,7 @@ def personalise_site(f_lab: np.ndarray, y_lab: np.ndarray, f_test: np.ndarray, y
         out["auc-personalised"] = float(roc_auc_score(y_test, personal[:, 1]))
     rate = disagreement(personal, reference)
     if np.isfinite(rate):
-        out.update({"disagreement": rate, "concept-shift": int(rate >= cfg.disagreement_threshold)})
+        out["disagreement"] = rate
+    if len(y_test) >= MIN_CONCEPT_TEST:  # fewer test images: the rate is too noisy to judge
+        out["concept-shift"] = int(rate >= cfg.disagreement_threshold)
     return out, head

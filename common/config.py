@@ -50,7 +50,7 @@ class RunConfig:
     label_shift: bool = True  # last round: sites calibrate (BCTS), estimate their prior (EM, BBSE), correct, personalise
     personalise_steps: int = 50  # last round: L-BFGS steps fitting a site-only copy of the decision layer (0 = off)
     personalise_l2: float = 1.0  # pull of that copy toward the global decision layer (lambda/2 ||W - W_global||^2)
-    disagreement_threshold: float = 0.15  # flag concept shift when this fraction of decisions differ
+    disagreement_threshold: float = 0.2  # flag concept shift when this fraction of decisions differ
     data_dir: str = ""  # simulation only: folder with one sub-folder per site
     out_dir: str = "runs/latest"  # where the coordinator writes report.json / report.md
     work_dir: str = ""  # simulation only: root of the sites' work folders ("" = <out-dir>/sites)
