@@ -13,22 +13,25 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.dataset import SiteData, load_site_cached
 from client.features import SiteInputs, site_inputs
 from client.local_state import LocalStateStore
-from client.train import build_model, fit, pick_device, predict_proba
+from client.site_shift import evaluate_site
+from client.train import build_model, fit, pick_device
 from common.config import RunConfig
 from common.efficientnet_lite import EfficientNetLite0
 from common.egress import EgressPolicy, check_egress
 from common.finetune import local_keys
 from common.finetune import site_bn_stat_keys
-from common.metrics import classification_metrics
+from common.labelshift import logit_adjustment
 from common.preprocess import Preprocessor
-from common.records import (ARRAYS, CONFIG, EVAL_METRICS, FEDERATION_ID, METRICS, NUM_EXAMPLES, SITE,
-                            TRAIN_METRICS, describe, from_array_record, to_array_record)
+from common.records import (ARRAYS, CLASS_COUNTS, CONFIG, EVAL_METRICS, FEDERATION_ID, LABEL_SHIFT, METRICS,
+                            NUM_EXAMPLES, SITE, TRAIN_METRICS, describe, from_array_record, to_array_record)
 from common.records import BN_SAMPLES, BN_STATS
 from common.sites import discover_sites
 
@@ -128,15 +131,18 @@ def write_summary(context: Context, cfg: RunConfig, data: SiteData, extra: dict[
 def train(msg: Message, context: Context) -> Message:
     cfg, data, model, inputs = prepare(msg, context)
     server_round = int(msg.content[CONFIG]["server-round"])
+    counts = np.bincount(data.y_train, minlength=len(CLASS_COUNTS))  # the site's prior, and its share of π_train
     stats = fit(model, inputs.train, data.y_train, cfg, seed=cfg.seed * 10_000 + server_round,
-                device=pick_device(cfg.device))
+                device=pick_device(cfg.device),
+                logit_offset=logit_adjustment(counts, cfg.logit_adjust) if cfg.logit_adjust else None)
     state = model.state_dict()
     context.state[LOCAL_STATE] = to_array_record(state, local_keys(model, cfg.bn_mode))
     local_store(msg, context, cfg, data.name).save(server_round, {k: state[k] for k in local_keys(model, cfg.bn_mode)})
     write_summary(context, cfg, data, {"round": server_round, **stats, "cache-hits": inputs.cache_hits,
                                        "cache-misses": inputs.cache_misses})
     metrics = {NUM_EXAMPLES: len(data.y_train), "n-train": len(data.y_train), "n-test": len(data.y_test),
-               "n-skipped": len(data.skipped), BN_SAMPLES: len(data.y_train), **stats}
+               "n-skipped": len(data.skipped), BN_SAMPLES: len(data.y_train), **stats,
+               **dict(zip(CLASS_COUNTS, map(int, counts)))}
     bn_keys = site_bn_stat_keys(model)  # the BN layers fit() re-estimated on this site's training images
     bn_stats = to_array_record(state, bn_keys) if bn_keys else None
     return reply(msg, data, to_array_record(state, list(msg.content[ARRAYS].keys())), metrics,
@@ -146,5 +152,15 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_(msg: Message, context: Context) -> Message:
     cfg, data, model, inputs = prepare(msg, context)
-    metrics = classification_metrics(data.y_test, predict_proba(model, inputs.test, device=pick_device(cfg.device)))
+    final = int(msg.content[CONFIG]["server-round"]) >= cfg.num_server_rounds
+    metrics = evaluate_site(model, inputs, data, cfg, pick_device(cfg.device), prior_train=training_prior(msg),
+                            final=final, work_dir=work_folder(context, cfg, data.name))
     return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics})
+
+
+def training_prior(msg: Message) -> np.ndarray | None:
+    """The federation's training prior π_train, sent by the coordinator with every evaluation."""
+    if LABEL_SHIFT not in msg.content:
+        return None
+    record = msg.content[LABEL_SHIFT]
+    return np.array([float(record[f"prior-train-{c}"]) for c in range(len(CLASS_COUNTS))])  # type: ignore[index]

@@ -19,6 +19,7 @@ CONFIG = "config"  # run config (coordinator -> site)
 METRICS = "metrics"  # aggregates a site reports (counts, loss, AUC, ...)
 SITE = "site"  # who is replying: {"name": site folder name}
 BN_STATS = "bn-stats"  # site -> coordinator: per-channel BN running mean/var of the adapted layers
+LABEL_SHIFT = "label-shift"  # coordinator -> site (evaluate): the training prior {"prior-train-<c>": float}
 
 # Keys of the config record (coordinator -> site) that are not run config.
 FEDERATION_ID = "federation-id"  # one id per experiment, kept across coordinator restarts; names a site's local state
@@ -26,8 +27,14 @@ FEDERATION_ID = "federation-id"  # one id per experiment, kept across coordinato
 # Metric keys a site may send.
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
 BN_SAMPLES = "bn-samples"  # images the site's BN statistics were estimated on (the registry's weight)
-TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds", BN_SAMPLES)
-EVAL_METRICS = (NUM_EXAMPLES, "auc", "balanced-accuracy", "ece", "test-loss")
+CLASS_COUNTS = ("n-class-0", "n-class-1")  # labelled images a site trained on, per class: the training prior
+LABEL_SHIFT_METRICS = (  # last round only (common.shift_flags, client.site_shift): scalars, never per image
+    "n-unlabelled", "prior-em", "prior-bbse", "prior-site", "bcts-temperature", "bcts-bias",
+    "ece-uncorrected", "ece-corrected", "brier-uncorrected", "brier-corrected",
+    "balanced-accuracy-uncorrected", "balanced-accuracy-corrected",
+    "auc-personalised", "disagreement", "concept-shift", "label-shift-flags")
+TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds", BN_SAMPLES, *CLASS_COUNTS)
+EVAL_METRICS = (NUM_EXAMPLES, "auc", "balanced-accuracy", "ece", "test-loss", *LABEL_SHIFT_METRICS)
 
 # A description of a RecordDict: record name -> (kind, {key: shape tuple or value type name}).
 Description = dict[str, tuple[str, dict[str, object]]]

@@ -15,6 +15,8 @@ site). What it adds:
 - each site's BN running statistics (record `bn-stats`, with their image count) go, after
   the same validation, into the per-site BN registry (`server.bn_registry`), whose pooled
   statistics serve sites never seen in training. They are never averaged into the model.
+- every evaluation carries the training prior formed from the sites' class counts
+  (`server.label_shift`), the reference of each site's label-shift correction.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.records import ARRAYS, METRICS, NUM_EXAMPLES, SITE, from_numpy, payload_bytes, to_numpy
+from common.records import ARRAYS, LABEL_SHIFT, METRICS, NUM_EXAMPLES, SITE, from_numpy, payload_bytes, to_numpy
 from common.records import BN_SAMPLES, BN_STATS
 from server.aggregate import (ArraySpec, UpdateRejected, norm_outliers, update_distance, validate_update,
                               weighted_average)
 from server.bn_registry import BNRegistry
+from server.label_shift import prior_record, training_prior
 
 log = logging.getLogger("fedrad.coordinator")
 
@@ -84,6 +87,17 @@ class FedRad(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self.reference = to_numpy(arrays)  # the yardstick of the norm-outlier rule
         return super().configure_train(server_round, arrays, config, grid)
+    def training_prior(self) -> np.ndarray | None:
+        """Class prior of everything the sites trained on, from their latest class counts."""
+        return training_prior(site.train[max(site.train)] for site in self.sites.values() if site.train)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        prior = self.training_prior()
+        for msg in messages if prior is not None else []:
+            msg.content[LABEL_SHIFT] = prior_record(prior)
+        return messages
 
     def _site(self, name: str) -> SiteLog:
         return self.sites.setdefault(name, SiteLog(name))
