@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
+from server.shift_report import harmonization_markdown
 from server.strategy import SiteLog
 
 
@@ -74,6 +75,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     for title, key in (("Rejected updates", "rejected_updates"), ("Failed replies", "failed_replies")):
         if report[key]:
             lines += ["", f"## {title}", ""] + [f"- round {e['round']}, {e['site']}: {e['reason']}" for e in report[key]]
+    if "harmonization" in report:
+        lines += [""] + harmonization_markdown(report["harmonization"])
     lines += ["", "![AUC per round](report.png)", ""]
     return "\n".join(lines)
 
