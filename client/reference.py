@@ -95,7 +95,7 @@ def _measure(site_dir: Path, cropper: HUCrop, site: str, *, want_histogram: bool
     spacings = np.sqrt(np.prod(data.spacings_mm, axis=1)) if len(data.spacings_mm) else np.array([np.nan])
     summary = (float(np.median(spacings)), float(np.min(spacings)), float(np.max(spacings)))
     counts = np.zeros_like(intensity_histogram(np.zeros(0)))
-    crops = np.concatenate([data.x_train, data.x_unlabelled])[:, 0] if want_histogram else np.zeros((0, 1, 1))
+    crops = [c[0] for part in (data.x_train, data.x_unlabelled) for c in part] if want_histogram else []
     n_constant = n_images = 0
     for crop in crops:
         finite = crop[np.isfinite(crop)]
@@ -131,7 +131,7 @@ def site_preprocessor(cfg: RunConfig, site_dir: Path, reference: np.ndarray | No
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", HarmonizationWarning)
         match = IntensityMatch.fit(own.counts, validate_counts(reference, what="the reference histogram"),
-                                   method=cfg.harmonize, site=site)
+                                   method=cfg.harmonize, split_hu=cfg.harmonize_split_hu, site=site)
     for warning in caught:
         _warn(str(warning.message))
     return Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, intensity_map=match)

@@ -51,6 +51,7 @@ class RunConfig:
     out_dir: str = "runs/latest"  # where the coordinator writes report.json / report.md
     work_dir: str = ""  # simulation only: root of the sites' work folders ("" = <out-dir>/sites)
     harmonize: str = "off"  # map each site's HU onto the federated reference histogram: quantile | landmarks (Nyúl–Udupa)
+    harmonize_split_hu: float = -400.0  # match below / above this HU separately (lung vs tissue); <= -1024: one range
     shift_dim: int = 16  # shift score: feature moments in this many projected dimensions (0 = no shift score)
 
     def __post_init__(self) -> None:

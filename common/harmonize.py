@@ -156,6 +156,43 @@ def matching_landmarks(source: np.ndarray, reference: np.ndarray, method: str) -
     raise ValueError(f"The 'method' parameter must be one of {METHODS}. Got {method!r} instead.")
 
 
+MIN_PART_PIXELS = 1_000
+"""With a split, a side of it with fewer pixels (at the site or in the reference) is left
+unchanged rather than matched on a handful of pixels."""
+
+
+def split_landmarks(source: np.ndarray, reference: np.ndarray, method: str, split_hu: float, *,
+                    site: str = "?") -> tuple[np.ndarray, np.ndarray]:
+    """Landmarks matched separately below and above the bin edge nearest `split_hu`.
+
+    Each side is matched as its own histogram, so the map depends on the shape of the
+    intensity distribution within each tissue class (aerated lung below, soft tissue
+    above for CT at about -400 HU), not on how much of each class the fields of view hold.
+    Every target landmark below the split stays below it and every one above stays above,
+    so the joined map is monotone. A side too thin to match keeps the identity there.
+    """
+    source, reference = validate_counts(source), validate_counts(reference)
+    k = int(np.clip(round((split_hu - HU_MIN) / BIN_HU), 1, N_BINS - 1))
+    edge = HU_MIN + k * BIN_HU
+    xs, ys = [], []
+    for lo, hi, part in ((HU_MIN, edge, slice(0, k)), (edge, HU_MAX, slice(k, N_BINS))):
+        src, ref = np.zeros_like(source), np.zeros_like(reference)
+        src[part], ref[part] = source[part], reference[part]
+        if min(src.sum(), ref.sum()) >= MIN_PART_PIXELS and min(np.count_nonzero(src), np.count_nonzero(ref)) >= 2:
+            x, y = matching_landmarks(src, ref, method)
+        else:
+            if src.sum() > 0:
+                warnings.warn(HarmonizationWarning(
+                    f"site {site}: too few pixels between {lo:g} and {hi:g} HU (site {int(src.sum())}, reference "
+                    f"{int(ref.sum())}; {MIN_PART_PIXELS} needed) to match that range; it is left unchanged."),
+                    stacklevel=3)
+            x, y = np.array([lo, hi]), np.array([lo, hi])
+        xs.append(x)
+        ys.append(y)
+    x, first = np.unique(np.concatenate(xs), return_index=True)
+    return x, np.maximum.accumulate(np.concatenate(ys)[first])
+
+
 class IntensityMatch:
     """Monotone piecewise-linear map of a site's HU onto the federated reference (HU -> HU).
 
@@ -192,8 +229,13 @@ class IntensityMatch:
 
     @classmethod
     def fit(cls, source: np.ndarray, reference: np.ndarray, *, method: str = "quantile",
-            site: str = "?") -> IntensityMatch:
+            split_hu: float | None = None, site: str = "?") -> IntensityMatch:
         """The map taking histogram `source` (the site's) onto `reference` (the pool's).
+
+        With `split_hu`, the HU range is cut at that bin edge and each side is matched on its
+        own (`split_landmarks`), so that a site whose fields of view hold more tissue than
+        the pool's (e.g. more and larger lesions) does not get its tissue dragged towards
+        lung values to make the fractions agree.
 
         A site whose histogram is unusable (too few pixels, a constant image) gets a
         :class:`HarmonizationWarning` naming it and the identity map: it trains on its own
@@ -210,7 +252,10 @@ class IntensityMatch:
                     f"{who}{problem}; its intensities are left unchanged (no harmonisation). "
                     "Check that its images are CT with lesion ROIs inside the image."), stacklevel=2)
                 return cls.identity()
-        src, dst = matching_landmarks(source, reference, method)
+        if split_hu is None or not HU_MIN < split_hu < HU_MAX:
+            src, dst = matching_landmarks(source, reference, method)
+        else:
+            src, dst = split_landmarks(source, reference, method, split_hu, site=site)
         return cls(src, dst, method=method)
 
     def digest(self) -> str:

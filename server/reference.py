@@ -119,12 +119,17 @@ def query_sites(grid: Grid, cfg: RunConfig, kind: str, reference: ArrayRecord | 
     if reference is not None:
         content[REFERENCE] = reference
     messages = [Message(content=content, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
-    ok = []
+    ok, failed = [], []
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
         if reply.has_error():
-            log.warning("%s query: node %s failed: %s", kind, reply.metadata.src_node_id, reply.error.reason)
+            failed.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+            log.warning("%s query: %s", kind, failed[-1])
         else:
             ok.append(reply)
+    if len(ok) < cfg.min_sites:
+        raise RuntimeError(f"The '{kind}' query before round 1 got {len(ok)} answers from {len(nodes)} sites "
+                           f"(min-sites {cfg.min_sites}); failures: {failed or 'none (timed out)'}. Fix the failing "
+                           "sites, or run with harmonize = 'off', shift-dim = 0 and a spacing-mm > 0.")
     return ok
 
 
