@@ -200,13 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(sites share one feature cache) and writes OUT/shift.json and shift.md: per "
                                    "site spacing, intensity summary, shift score off/on and test AUC off/on, "
                                    "means over the seeds.",
-                       epilog="example: fedrad shift --out runs/shift --seeds 3 --method quantile")
+                       epilog="example: fedrad shift --out runs/shift --seeds 3 --method median")
     p.add_argument("--data", type=Path, default=None,
                    help=f"folder with one sub-folder per site (default: {DEFAULT_DATA}, generated if absent)")
     p.add_argument("--out", type=Path, default=Path("runs/shift"), help="output folder (default: runs/shift)")
     p.add_argument("--seeds", type=int, default=3, help="run seeds 0..N-1 (default: 3)")
-    p.add_argument("--method", default="quantile", choices=["quantile", "landmarks"],
-                   help="harmonisation of the 'on' runs (default: quantile)")
+    p.add_argument("--method", default="median", choices=["quantile", "landmarks", "median"],
+                   help="harmonisation of the 'on' runs (default: median)")
     p.add_argument("--rounds", type=int, default=None, help="federated rounds per run (run-config num-server-rounds)")
     p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
                    help="override [tool.flwr.app.config] keys for every run")

@@ -20,7 +20,7 @@ from typing import Any, get_type_hints
 BN_MODES = ("fedbn", "shared")
 AUGMENTS = ("dihedral", "none")
 PREFIX_BN = ("pretrained", "site")
-HARMONIZE = ("off", "quantile", "landmarks")
+HARMONIZE = ("off", "quantile", "landmarks", "median")
 DEVICES = ("auto", "cpu", "cuda")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,8 +50,8 @@ class RunConfig:
     data_dir: str = ""  # simulation only: folder with one sub-folder per site
     out_dir: str = "runs/latest"  # where the coordinator writes report.json / report.md
     work_dir: str = ""  # simulation only: root of the sites' work folders ("" = <out-dir>/sites)
-    harmonize: str = "off"  # map each site's HU onto the federated reference histogram: quantile | landmarks (Nyúl–Udupa)
-    harmonize_split_hu: float = -400.0  # match below / above this HU separately (lung vs tissue); <= -1024: one range
+    harmonize: str = "off"  # map each site's HU onto the federated reference: quantile | landmarks (Nyúl–Udupa) | median
+    harmonize_split_hu: float = -1024.0  # > -1024: match below / above this HU separately (e.g. -400: lung vs tissue)
     shift_dim: int = 16  # shift score: feature moments in this many projected dimensions (0 = no shift score)
 
     def __post_init__(self) -> None:

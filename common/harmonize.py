@@ -13,6 +13,11 @@ maps its own intensities onto the reference with a monotone piecewise-linear map
   ``NYUL_PERCENTILES`` (pc1 = 1 %, the deciles, pc2 = 99 %) of each histogram, with linear
   extrapolation beyond pc1/pc2; fewer knots, so less sensitive to local differences in
   content between sites.
+* ``median``: the same standardisation with the median as the only landmark: with the
+  lung/tissue split (`split_landmarks`) two landmarks, so an affine map that corrects a
+  calibration offset (and gain) but keeps each site's contrast, texture and noise as they
+  are. Matching whole distributions also equalises their spread, which a sharp kernel or
+  noise widens and a smooth kernel narrows: that stretches the texture of smooth sites.
 
 No Flower and no torch here: counts in, HU maps out. Units are HU throughout.
 """
@@ -37,7 +42,7 @@ MIN_PIXELS = 10_000
 """A site histogram with fewer pixels is too thin to estimate quantiles from (about 4
 crops of 48 x 48 px); it is left out of the reference and the site is not harmonised."""
 NYUL_PERCENTILES = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
-METHODS = ("quantile", "landmarks")
+METHODS = ("quantile", "landmarks", "median")
 
 
 class HarmonizationWarning(UserWarning):
@@ -141,6 +146,7 @@ def matching_landmarks(source: np.ndarray, reference: np.ndarray, method: str) -
     the piecewise-linear map IS that composition, so the site's p-quantile goes exactly to
     the reference's p-quantile. Landmarks span the source's own range only.
     ``landmarks``: the Nyúl–Udupa percentiles of both histograms.
+    ``median``: the medians only (one landmark; a shift).
     """
     if method == "quantile":
         edges, cdf_s = cdf_knots(source)
@@ -149,8 +155,8 @@ def matching_landmarks(source: np.ndarray, reference: np.ndarray, method: str) -
         xs = np.unique(np.concatenate([edges, quantiles(source, cdf_r)]))
         xs = xs[(xs >= lo) & (xs <= hi)]
         return xs, quantiles(reference, np.interp(xs, edges, cdf_s))
-    if method == "landmarks":
-        probs = np.asarray(NYUL_PERCENTILES) / 100.0
+    if method in ("landmarks", "median"):
+        probs = np.asarray(NYUL_PERCENTILES if method == "landmarks" else [50.0]) / 100.0
         src, first = np.unique(quantiles(source, probs), return_index=True)
         return src, quantiles(reference, probs)[first]
     raise ValueError(f"The 'method' parameter must be one of {METHODS}. Got {method!r} instead.")
@@ -256,6 +262,8 @@ class IntensityMatch:
             src, dst = matching_landmarks(source, reference, method)
         else:
             src, dst = split_landmarks(source, reference, method, split_hu, site=site)
+        if len(src) == 1:  # one landmark (the median, no split): a shift
+            src, dst = np.append(src, src[0] + 1.0), np.append(dst, dst[0] + 1.0)
         return cls(src, dst, method=method)
 
     def digest(self) -> str:
@@ -271,7 +279,7 @@ class IntensityMatch:
         x = np.asarray(hu, dtype=np.float64)
         src, dst = self.source_hu, self.target_hu
         y = np.interp(x, src, dst)
-        if self.method == "landmarks":  # Nyúl–Udupa: the end segments continue
+        if self.method in ("landmarks", "median"):  # Nyúl–Udupa: the end segments continue
             lo_slope = (dst[1] - dst[0]) / (src[1] - src[0])
             hi_slope = (dst[-1] - dst[-2]) / (src[-1] - src[-2])
         else:  # outside the site's own range: shift only, keep contrast

@@ -106,13 +106,15 @@ def default_sites() -> list[SiteSpec]:
     site-c is small and low-prevalence (the site that gains most from federation): 80
     patients, 16 malignant; it puts 40 % in its test split so its test AUC rests on more
     than a handful of malignant cases;
-    site-d stores values at slope 0.5, so its raw integers are not HU.
+    site-d stores values at slope 0.5, so its raw integers are not HU, and its scanner reads
+    150 HU high (a miscalibrated scanner): strong enough that intensity harmonisation
+    measurably lowers its feature shift (`fedrad shift`); at +20 HU it barely registered.
     """
     return [
         SiteSpec("site-a", 130, 0.30, 0.70, 15.0, "smooth", 0.0, "Siemens"),
         SiteSpec("site-b", 110, 0.60, 0.90, 25.0, "sharp", 40.0, "GE"),
         SiteSpec("site-c", 80, 0.20, 0.60, 10.0, "smooth", -30.0, "Philips", test_fraction=0.4),
-        SiteSpec("site-d", 120, 0.45, 1.00, 35.0, "sharp", 20.0, "Canon", rescale_slope=0.5),
+        SiteSpec("site-d", 120, 0.45, 1.00, 35.0, "sharp", 150.0, "Canon", rescale_slope=0.5),
     ]
 
 

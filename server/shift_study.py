@@ -33,7 +33,7 @@ def _final_shift(site: dict[str, Any]) -> float | None:
     return rounds[max(rounds, key=int)] if rounds else None
 
 
-def run_shift_study(cfg: RunConfig, out_dir: Path, *, seeds: Sequence[int], method: str = "quantile",
+def run_shift_study(cfg: RunConfig, out_dir: Path, *, seeds: Sequence[int], method: str = "median",
                     num_cpus: int | None = None, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Run off/on for every seed; write and return the study (`shift.json`, `shift.md`)."""
     if method == "off":

@@ -90,6 +90,22 @@ def test_matching_removes_a_calibration_offset_and_a_matched_site_is_left_alone(
     np.testing.assert_allclose(same(x), x, atol=1e-6)
 
 
+@pytest.mark.parametrize("split_hu", [None, -400.0])
+def test_median_standardisation_moves_the_median_and_keeps_contrast(split_hu):
+    rng = np.random.default_rng(9)
+    site = intensity_histogram(lung_ct(rng, 100_000, offset=120, noise=10))  # a smooth site, 120 HU too high
+    reference = intensity_histogram(lung_ct(rng, 300_000, offset=0, noise=40))  # noisier, wider
+    match = IntensityMatch.fit(site, reference, method="median", split_hu=split_hu)
+    k = N_BINS if split_hu is None else int((split_hu - HU_MIN) / BIN_HU)
+    site_lung, ref_lung = site.copy(), reference.copy()
+    site_lung[k:], ref_lung[k:] = 0, 0  # with a split, the median of each side is its landmark
+    assert match(quantiles(site_lung, [0.5]))[0] == pytest.approx(quantiles(ref_lung, [0.5])[0], abs=BIN_HU)
+    slope = (match(np.array([100.0])) - match(np.array([0.0])))[0] / 100.0
+    assert slope == pytest.approx(1.0, abs=0.05)  # texture and noise amplitude kept, unlike full matching
+    full = IntensityMatch.fit(site, reference, method="quantile", split_hu=split_hu)
+    assert (full(np.array([200.0])) - full(np.array([140.0])))[0] / 60.0 > 2.0  # matching spreads stretches
+
+
 def test_the_transform_is_pure_monotone_and_keeps_shape_and_dtype():
     rng = np.random.default_rng(4)
     match = IntensityMatch.fit(intensity_histogram(lung_ct(rng, 50_000, offset=30, noise=40)),
