@@ -112,9 +112,12 @@ def choose_spacing(summaries: dict[str, tuple[float, int]]) -> float:
 
 def query_sites(grid: Grid, cfg: RunConfig, kind: str, reference: ArrayRecord | None = None) -> list[Message]:
     """One query message per connected site; the replies without errors (failures logged)."""
+    waited = 0
     while len(nodes := list(grid.get_node_ids())) < cfg.min_sites:
-        log.info("waiting for sites: %d connected, %d needed", len(nodes), cfg.min_sites)
+        if waited % 30 == 0:
+            log.info("waiting for sites: %d connected, %d needed (min-sites)", len(nodes), cfg.min_sites)
         time.sleep(1.0)
+        waited += 1
     content = RecordDict({CONFIG: ConfigRecord({**cfg.to_run_config(), QUERY_KIND: kind})})
     if reference is not None:
         content[REFERENCE] = reference
