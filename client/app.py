@@ -5,6 +5,10 @@ loads the coordinator's shared weights plus its own BatchNorm (from the node's s
 from its own disk after a restart: `client.local_state`), (3) trains or evaluates, (4)
 keeps its BN in both places, and (5) replies with the shared weights and
 scalar aggregates only, after the egress whitelist has checked the reply.
+
+Before round 1 the coordinator may query the site (`query`): for its HU histogram and
+spacing summary (the federated intensity reference), then for its feature moments on raw
+and harmonised inputs (the shift score). Aggregates only, whitelisted like every reply.
 """
 
 from __future__ import annotations
@@ -21,18 +25,23 @@ from flwr.clientapp import ClientApp
 from client.dataset import SiteData, load_site_cached
 from client.features import SiteInputs, site_inputs
 from client.local_state import LocalStateStore
+from client.moments import feature_moments, pretrained_moments
+from client.reference import site_intensity, site_preprocessor
 from client.site_shift import evaluate_site
 from client.train import build_model, fit, pick_device
 from common.config import RunConfig
 from common.efficientnet_lite import EfficientNetLite0
-from common.egress import EgressPolicy, check_egress
+from common.egress import EgressPolicy, aggregate_records, check_egress
 from common.finetune import local_keys
 from common.finetune import site_bn_stat_keys
 from common.labelshift import logit_adjustment
 from common.preprocess import Preprocessor
-from common.records import (ARRAYS, CLASS_COUNTS, CONFIG, EVAL_METRICS, FEDERATION_ID, LABEL_SHIFT, METRICS,
-                            NUM_EXAMPLES, SITE, TRAIN_METRICS, describe, from_array_record, to_array_record)
+from common.records import (ARRAYS, CLASS_COUNTS, CONFIG, EVAL_METRICS, FEDERATION_ID, HISTOGRAM, INTENSITY,
+                            LABEL_SHIFT, METRICS, MOMENTS, N_FEATURES, NUM_EXAMPLES, PROJECTION, QUERY_KIND,
+                            QUERY_KINDS, REFERENCE, REFERENCE_HISTOGRAM, REFERENCE_METRICS, SITE, TRAIN_METRICS,
+                            describe, from_array_record, from_numpy, moment_keys, to_array_record)
 from common.records import BN_SAMPLES, BN_STATS
+from common.shift import Moments
 from common.sites import discover_sites
 
 LOCAL_STATE = "fedrad-local"  # key in context.state: this site's own BN tensors
@@ -78,11 +87,17 @@ def load_local_state(msg: Message, context: Context, cfg: RunConfig, site: str) 
     return None if found is None else found[1]
 
 
+def reference_arrays(msg: Message) -> dict[str, np.ndarray]:
+    """What the coordinator sent in its reference record: pooled histogram and/or projection."""
+    return {k: v.numpy() for k, v in msg.content[REFERENCE].items()} if REFERENCE in msg.content else {}
+
+
 def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, EfficientNetLite0, SiteInputs]:
     """Config from the message, the site's data, the model with shared + local weights, its inputs."""
     run_config = {k: v for k, v in msg.content[CONFIG].items() if k not in ("server-round", FEDERATION_ID)}
     cfg = RunConfig.from_run_config(run_config)
-    data = load_site_cached(site_folder(context, cfg), Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))
+    folder = site_folder(context, cfg)
+    data = load_site_cached(folder, site_preprocessor(cfg, folder, reference_arrays(msg).get(REFERENCE_HISTOGRAM)))
     if "site-name" in context.node_config:  # deployment: the name the site was provisioned under
         data.name = str(context.node_config["site-name"])
     device = pick_device(cfg.device)
@@ -100,10 +115,12 @@ def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, Effici
 
 
 def reply(msg: Message, data: SiteData, arrays: ArrayRecord | None, metrics: dict[str, float],
-          bn_stats: ArrayRecord | None = None, bn_shapes: dict[str, tuple[int, ...]] | None = None) -> Message:
+          bn_stats: ArrayRecord | None = None, bn_shapes: dict[str, tuple[int, ...]] | None = None,
+          moments: Moments | None = None, shift_dim: int = 0) -> Message:
     """Wrap the reply and pass it through the egress whitelist before it may leave.
 
-    `bn_shapes` (from the site's own model) whitelists the BN statistics record by name and shape.
+    `bn_shapes` (from the site's own model) whitelists the BN statistics record by name and
+    shape; `moments` (evaluate, with a shift projection) the projected feature moments.
     """
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": data.name})})
     allowed = TRAIN_METRICS
@@ -113,8 +130,14 @@ def reply(msg: Message, data: SiteData, arrays: ArrayRecord | None, metrics: dic
         allowed = EVAL_METRICS
     if bn_stats is not None:
         content[BN_STATS] = bn_stats
+    records = {}
+    if moments is not None:
+        content[MOMENTS] = from_numpy(dict(zip(moment_keys(), (moments.mean, moments.cov))))
+        records = aggregate_records("evaluate", shift_dim)
+        allowed = (*allowed, N_FEATURES)
     incoming = {k: tuple(a.shape) for k, a in msg.content[ARRAYS].items()}
-    check_egress(describe(content), EgressPolicy.build(incoming, allowed, bn_shapes), site=data.name)
+    check_egress(describe(content), EgressPolicy.build(incoming, allowed, records, bn_stats=bn_shapes),
+                 site=data.name)
     return Message(content=content, reply_to=msg)
 
 
@@ -155,7 +178,13 @@ def evaluate_(msg: Message, context: Context) -> Message:
     final = int(msg.content[CONFIG]["server-round"]) >= cfg.num_server_rounds
     metrics = evaluate_site(model, inputs, data, cfg, pick_device(cfg.device), prior_train=training_prior(msg),
                             final=final, work_dir=work_folder(context, cfg, data.name))
-    return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics})
+    projection = reference_arrays(msg).get(PROJECTION)
+    if projection is None:
+        return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics})
+    moments = feature_moments(model, [inputs.train, inputs.test], projection, site=data.name)
+    metrics[N_FEATURES] = 0 if moments is None else moments.n
+    return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics}, moments=moments,
+                 shift_dim=cfg.shift_dim)
 
 
 def training_prior(msg: Message) -> np.ndarray | None:
@@ -164,3 +193,33 @@ def training_prior(msg: Message) -> np.ndarray | None:
         return None
     record = msg.content[LABEL_SHIFT]
     return np.array([float(record[f"prior-train-{c}"]) for c in range(len(CLASS_COUNTS))])  # type: ignore[index]
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Before round 1: the site's intensity histogram + spacing summary, or its feature moments."""
+    config = dict(msg.content[CONFIG].items())
+    kind = str(config.pop(QUERY_KIND, ""))
+    if kind not in QUERY_KINDS:
+        raise ValueError(f"Unknown query {kind!r}; this site answers {QUERY_KINDS}.")
+    cfg = RunConfig.from_run_config({k: v for k, v in config.items() if k != "server-round"})
+    folder = site_folder(context, cfg)
+    name = folder.resolve().name
+    if kind == "reference":
+        own = site_intensity(folder, cfg, site=name)
+        records = {INTENSITY: from_numpy({HISTOGRAM: own.counts})} if cfg.spacing_mm > 0 else {}
+        return query_reply(msg, name, kind, cfg, records, own.metrics(), REFERENCE_METRICS)
+    reference = reference_arrays(msg)
+    arrays, n_features = pretrained_moments(cfg, folder, work_folder(context, cfg, name), reference.get(PROJECTION),
+                                            reference.get(REFERENCE_HISTOGRAM), site=name)
+    records = {MOMENTS: from_numpy(arrays)} if arrays else {}
+    return query_reply(msg, name, kind, cfg, records, {N_FEATURES: n_features}, (N_FEATURES,))
+
+
+def query_reply(msg: Message, name: str, kind: str, cfg: RunConfig, records: dict[str, ArrayRecord],
+                metrics: dict[str, float], allowed: tuple[str, ...]) -> Message:
+    """Wrap a query's aggregates and pass them through the egress whitelist before they may leave."""
+    content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": name}), **records})
+    check_egress(describe(content), EgressPolicy.build({}, allowed, aggregate_records(kind, cfg.shift_dim)),
+                 site=name)
+    return Message(content=content, reply_to=msg)

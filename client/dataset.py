@@ -77,6 +77,9 @@ class SiteData:
         keys_train, keys_test, keys_unlabelled: one content key per image (a hash of the
             file's bytes and its ROI), in array order: what the feature cache is keyed by,
             so a changed file or ROI is never served stale features.
+        preprocessing: repr of the preprocessor that made the arrays (spacing, field of
+            view, intensity map, windows): part of the feature-cache key, so a changed
+            harmonisation map is never served features of the old inputs.
     """
 
     name: str
@@ -90,6 +93,7 @@ class SiteData:
     keys_train: tuple[str, ...] = ()
     keys_test: tuple[str, ...] = ()
     keys_unlabelled: tuple[str, ...] = ()
+    preprocessing: str = ""
 
     def summary(self) -> dict:
         """JSON-ready counts (no pixel data) for logs and the server."""
@@ -177,6 +181,7 @@ def load_site(
         keys_train=tuple(buckets["train"][2]),
         keys_test=tuple(buckets["test"][2]),
         keys_unlabelled=tuple(buckets["unlabelled"][2]),
+        preprocessing=repr(preprocessor),
     )
 
 

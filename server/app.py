@@ -24,9 +24,12 @@ from common.records import ARRAYS, FEDERATION_ID, payload_bytes, to_array_record
 from server.aggregate import spec_of
 from server.checkpoint import Checkpointer, checkpoint_path
 from server.global_model import restore_registry, save_global_model
+from server.reference import exchange_reference, needed
 from server.report import build_report, write_report
 from server.rounds import run_rounds
-from server.strategy import FedRad, SiteLog
+from server.shift_report import harmonization_section
+from server.shift_tracking import FedRadShift
+from server.strategy import SiteLog
 
 log = logging.getLogger("fedrad.coordinator")
 
@@ -47,14 +50,17 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     again on the same out-dir and experiment goes on after the last finished round.
     """
     checkpoints = Checkpointer(checkpoint_path(cfg.out_dir), cfg.to_run_config())  # also starts the clock
+    exchange = exchange_reference(grid, cfg) if needed(cfg) else None  # intensity reference, round-0 shift
+    cfg = exchange.cfg if exchange is not None else cfg  # with spacing-mm = 0 the chosen spacing
     model = build_model(cfg)
     state = model.state_dict()
     keys = shared_keys(model, cfg.bn_mode)
     initial = to_array_record(state, keys)
     full_model_bytes = payload_bytes(RecordDict({ARRAYS: to_array_record(state, list(state))}))
     bn_expected = spec_of(to_numpy(to_array_record(state, site_bn_stat_keys(model))))  # what sites report
-    strategy = FedRad(expected=spec_of(to_numpy(initial)), min_sites=cfg.min_sites,
-                      norm_outlier_factor=cfg.norm_outlier_factor, on_round=log_round, bn_expected=bn_expected)
+    strategy = FedRadShift(broadcast=exchange.broadcast() if exchange is not None else None,
+                           expected=spec_of(to_numpy(initial)), min_sites=cfg.min_sites,
+                           norm_outlier_factor=cfg.norm_outlier_factor, on_round=log_round, bn_expected=bn_expected)
     arrays = checkpoints.restore(strategy, initial)
     restore_registry(strategy.bn_registry, Path(cfg.out_dir), checkpoints.done)
     run_config = ConfigRecord({**cfg.to_run_config(), FEDERATION_ID: checkpoints.federation_id})
@@ -75,6 +81,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
                           rejected=strategy.rejected, failed=strategy.failed)
     report["round_seconds"] = {str(r): s for r, s in sorted(checkpoints.round_seconds.items())}
     report["bn_registry"] = strategy.bn_registry.summary()  # per site: round, image count (stats: global.npz)
+    if exchange is not None:
+        report["harmonization"] = harmonization_section(exchange, strategy.shift)
+        exchange.save(Path(cfg.out_dir))
     path = write_report(report, Path(cfg.out_dir))
     log.info("report written to %s", path)
     return report

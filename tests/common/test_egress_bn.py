@@ -22,7 +22,7 @@ def reply(bn):
 
 
 def test_bn_statistics_pass_with_the_expected_names_and_shapes():
-    check_egress(reply(BN), EgressPolicy.build(WEIGHTS, TRAIN_METRICS, BN), site="site-a")
+    check_egress(reply(BN), EgressPolicy.build(WEIGHTS, TRAIN_METRICS, bn_stats=BN), site="site-a")
 
 
 @pytest.mark.parametrize("bn, policy_bn, match", [
@@ -33,4 +33,4 @@ def test_bn_statistics_pass_with_the_expected_names_and_shapes():
 ])
 def test_anything_else_in_the_bn_record_is_refused(bn, policy_bn, match):
     with pytest.raises(EgressError, match=f"site site-a: .*{match}"):
-        check_egress(reply(bn), EgressPolicy.build(WEIGHTS, TRAIN_METRICS, policy_bn), site="site-a")
+        check_egress(reply(bn), EgressPolicy.build(WEIGHTS, TRAIN_METRICS, bn_stats=policy_bn), site="site-a")
