@@ -1,9 +1,14 @@
 """fedrad ClientApp: one hospital site. Wiring only: read the message, call `client/` and `common/`.
 
 Per message the site (1) reads its own DICOM folder, (2) builds the pretrained model and
-loads the coordinator's shared weights plus its own BatchNorm from the node's state,
-(3) trains or evaluates, (4) keeps its BN, and (5) replies with the shared weights and
+loads the coordinator's shared weights plus its own BatchNorm (from the node's state, or
+from its own disk after a restart: `client.local_state`), (3) trains or evaluates, (4)
+keeps its BN in both places, and (5) replies with the shared weights and
 scalar aggregates only, after the egress whitelist has checked the reply.
+
+Before round 1 the coordinator may query the site (`query`): for its HU histogram and
+spacing summary (the federated intensity reference), then for its feature moments on raw
+and harmonised inputs (the shift score). Aggregates only, whitelisted like every reply.
 """
 
 from __future__ import annotations
@@ -19,16 +24,24 @@ from flwr.clientapp import ClientApp
 
 from client.dataset import SiteData, load_site_cached
 from client.features import SiteInputs, site_inputs
+from client.local_state import LocalStateStore
+from client.moments import feature_moments, pretrained_moments
+from client.reference import site_intensity, site_preprocessor
 from client.site_shift import evaluate_site
 from client.train import build_model, fit, pick_device
 from common.config import RunConfig
 from common.efficientnet_lite import EfficientNetLite0
-from common.egress import EgressPolicy, check_egress
+from common.egress import EgressPolicy, aggregate_records, check_egress
 from common.finetune import local_keys
+from common.finetune import site_bn_stat_keys
 from common.labelshift import logit_adjustment
 from common.preprocess import Preprocessor
-from common.records import (ARRAYS, CLASS_COUNTS, CONFIG, EVAL_METRICS, LABEL_SHIFT, METRICS, NUM_EXAMPLES, SITE,
-                            TRAIN_METRICS, describe, from_array_record, to_array_record)
+from common.records import (ARRAYS, CLASS_COUNTS, CONFIG, EVAL_METRICS, FEDERATION_ID, HISTOGRAM, INTENSITY,
+                            LABEL_SHIFT, METRICS, MOMENTS, N_FEATURES, NUM_EXAMPLES, PROJECTION, QUERY_KIND,
+                            QUERY_KINDS, REFERENCE, REFERENCE_HISTOGRAM, REFERENCE_METRICS, SITE, TRAIN_METRICS,
+                            describe, from_array_record, from_numpy, moment_keys, to_array_record)
+from common.records import BN_SAMPLES, BN_STATS
+from common.shift import Moments
 from common.sites import discover_sites
 
 LOCAL_STATE = "fedrad-local"  # key in context.state: this site's own BN tensors
@@ -56,17 +69,44 @@ def work_folder(context: Context, cfg: RunConfig, site: str) -> Path:
     return Path(cfg.work_dir or Path(cfg.out_dir) / "sites") / site
 
 
+def local_store(msg: Message, context: Context, cfg: RunConfig, site: str) -> LocalStateStore:
+    """This site's per-round BN files for the coordinator's experiment (federation id)."""
+    federation = str(msg.content[CONFIG].get(FEDERATION_ID, f"run-{context.run_id}"))
+    return LocalStateStore(work_folder(context, cfg, site), federation)
+
+
+def load_local_state(msg: Message, context: Context, cfg: RunConfig, site: str) -> dict | None:
+    """The site's own BN: from the node's memory (same run), else from its disk (restarted daemon or run)."""
+    if LOCAL_STATE in context.state:
+        return from_array_record(context.state[LOCAL_STATE])  # type: ignore[arg-type]
+    server_round = int(msg.content[CONFIG]["server-round"])
+    training = msg.metadata.message_type == "train"
+    found = local_store(msg, context, cfg, site).latest(server_round - 1 if training else server_round)
+    if found is not None:
+        log.info("site %s: BatchNorm of round %d restored from its work folder", site, found[0])
+    return None if found is None else found[1]
+
+
+def reference_arrays(msg: Message) -> dict[str, np.ndarray]:
+    """What the coordinator sent in its reference record: pooled histogram and/or projection."""
+    return {k: v.numpy() for k, v in msg.content[REFERENCE].items()} if REFERENCE in msg.content else {}
+
+
 def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, EfficientNetLite0, SiteInputs]:
     """Config from the message, the site's data, the model with shared + local weights, its inputs."""
-    run_config = {k: v for k, v in msg.content[CONFIG].items() if k != "server-round"}
+    run_config = {k: v for k, v in msg.content[CONFIG].items() if k not in ("server-round", FEDERATION_ID)}
     cfg = RunConfig.from_run_config(run_config)
-    data = load_site_cached(site_folder(context, cfg), Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))
+    folder = site_folder(context, cfg)
+    data = load_site_cached(folder, site_preprocessor(cfg, folder, reference_arrays(msg).get(REFERENCE_HISTOGRAM)))
+    if "site-name" in context.node_config:  # deployment: the name the site was provisioned under
+        data.name = str(context.node_config["site-name"])
     device = pick_device(cfg.device)
     model = build_model(cfg, device)
     inputs = site_inputs(model, cfg, data, work_folder(context, cfg, data.name), device)
     state = from_array_record(msg.content[ARRAYS])
-    if LOCAL_STATE in context.state:
-        state.update(from_array_record(context.state[LOCAL_STATE]))  # type: ignore[arg-type]
+    local = load_local_state(msg, context, cfg, data.name)
+    if local is not None:
+        state.update(local)
     unexpected = model.load_state_dict(state, strict=False).unexpected_keys
     if unexpected:
         raise ValueError(f"site {data.name}: the coordinator sent weights this model does not have: {unexpected[:5]}; "
@@ -74,16 +114,30 @@ def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, Effici
     return cfg, data, model, inputs
 
 
-def reply(msg: Message, data: SiteData, arrays: ArrayRecord | None, metrics: dict[str, float]) -> Message:
-    """Wrap the reply and pass it through the egress whitelist before it may leave."""
+def reply(msg: Message, data: SiteData, arrays: ArrayRecord | None, metrics: dict[str, float],
+          bn_stats: ArrayRecord | None = None, bn_shapes: dict[str, tuple[int, ...]] | None = None,
+          moments: Moments | None = None, shift_dim: int = 0) -> Message:
+    """Wrap the reply and pass it through the egress whitelist before it may leave.
+
+    `bn_shapes` (from the site's own model) whitelists the BN statistics record by name and
+    shape; `moments` (evaluate, with a shift projection) the projected feature moments.
+    """
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": data.name})})
     allowed = TRAIN_METRICS
     if arrays is not None:
         content[ARRAYS] = arrays
     else:
         allowed = EVAL_METRICS
+    if bn_stats is not None:
+        content[BN_STATS] = bn_stats
+    records = {}
+    if moments is not None:
+        content[MOMENTS] = from_numpy(dict(zip(moment_keys(), (moments.mean, moments.cov))))
+        records = aggregate_records("evaluate", shift_dim)
+        allowed = (*allowed, N_FEATURES)
     incoming = {k: tuple(a.shape) for k, a in msg.content[ARRAYS].items()}
-    check_egress(describe(content), EgressPolicy.build(incoming, allowed), site=data.name)
+    check_egress(describe(content), EgressPolicy.build(incoming, allowed, records, bn_stats=bn_shapes),
+                 site=data.name)
     return Message(content=content, reply_to=msg)
 
 
@@ -106,11 +160,16 @@ def train(msg: Message, context: Context) -> Message:
                 logit_offset=logit_adjustment(counts, cfg.logit_adjust) if cfg.logit_adjust else None)
     state = model.state_dict()
     context.state[LOCAL_STATE] = to_array_record(state, local_keys(model, cfg.bn_mode))
+    local_store(msg, context, cfg, data.name).save(server_round, {k: state[k] for k in local_keys(model, cfg.bn_mode)})
     write_summary(context, cfg, data, {"round": server_round, **stats, "cache-hits": inputs.cache_hits,
                                        "cache-misses": inputs.cache_misses})
     metrics = {NUM_EXAMPLES: len(data.y_train), "n-train": len(data.y_train), "n-test": len(data.y_test),
-               "n-skipped": len(data.skipped), **stats, **dict(zip(CLASS_COUNTS, map(int, counts)))}
-    return reply(msg, data, to_array_record(state, list(msg.content[ARRAYS].keys())), metrics)
+               "n-skipped": len(data.skipped), BN_SAMPLES: len(data.y_train), **stats,
+               **dict(zip(CLASS_COUNTS, map(int, counts)))}
+    bn_keys = site_bn_stat_keys(model)  # the BN layers fit() re-estimated on this site's training images
+    bn_stats = to_array_record(state, bn_keys) if bn_keys else None
+    return reply(msg, data, to_array_record(state, list(msg.content[ARRAYS].keys())), metrics,
+                 bn_stats, {k: tuple(state[k].shape) for k in bn_keys})
 
 
 @app.evaluate()
@@ -119,7 +178,13 @@ def evaluate_(msg: Message, context: Context) -> Message:
     final = int(msg.content[CONFIG]["server-round"]) >= cfg.num_server_rounds
     metrics = evaluate_site(model, inputs, data, cfg, pick_device(cfg.device), prior_train=training_prior(msg),
                             final=final, work_dir=work_folder(context, cfg, data.name))
-    return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics})
+    projection = reference_arrays(msg).get(PROJECTION)
+    if projection is None:
+        return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics})
+    moments = feature_moments(model, [inputs.train, inputs.test], projection, site=data.name)
+    metrics[N_FEATURES] = 0 if moments is None else moments.n
+    return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics}, moments=moments,
+                 shift_dim=cfg.shift_dim)
 
 
 def training_prior(msg: Message) -> np.ndarray | None:
@@ -128,3 +193,33 @@ def training_prior(msg: Message) -> np.ndarray | None:
         return None
     record = msg.content[LABEL_SHIFT]
     return np.array([float(record[f"prior-train-{c}"]) for c in range(len(CLASS_COUNTS))])  # type: ignore[index]
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Before round 1: the site's intensity histogram + spacing summary, or its feature moments."""
+    config = dict(msg.content[CONFIG].items())
+    kind = str(config.pop(QUERY_KIND, ""))
+    if kind not in QUERY_KINDS:
+        raise ValueError(f"Unknown query {kind!r}; this site answers {QUERY_KINDS}.")
+    cfg = RunConfig.from_run_config({k: v for k, v in config.items() if k != "server-round"})
+    folder = site_folder(context, cfg)
+    name = folder.resolve().name
+    if kind == "reference":
+        own = site_intensity(folder, cfg, site=name)
+        records = {INTENSITY: from_numpy({HISTOGRAM: own.counts})} if cfg.spacing_mm > 0 else {}
+        return query_reply(msg, name, kind, cfg, records, own.metrics(), REFERENCE_METRICS)
+    reference = reference_arrays(msg)
+    arrays, n_features = pretrained_moments(cfg, folder, work_folder(context, cfg, name), reference.get(PROJECTION),
+                                            reference.get(REFERENCE_HISTOGRAM), site=name)
+    records = {MOMENTS: from_numpy(arrays)} if arrays else {}
+    return query_reply(msg, name, kind, cfg, records, {N_FEATURES: n_features}, (N_FEATURES,))
+
+
+def query_reply(msg: Message, name: str, kind: str, cfg: RunConfig, records: dict[str, ArrayRecord],
+                metrics: dict[str, float], allowed: tuple[str, ...]) -> Message:
+    """Wrap a query's aggregates and pass them through the egress whitelist before they may leave."""
+    content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": name}), **records})
+    check_egress(describe(content), EgressPolicy.build({}, allowed, aggregate_records(kind, cfg.shift_dim)),
+                 site=name)
+    return Message(content=content, reply_to=msg)

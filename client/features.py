@@ -76,12 +76,13 @@ def load_prefix_bn(model: EfficientNetLite0, stats: dict[str, np.ndarray]) -> No
     model.load_state_dict(state, strict=False)
 
 
-def _prefix_key(cfg: RunConfig, views: int, adapt_on: tuple[str, ...]) -> str:
+def _prefix_key(cfg: RunConfig, views: int, adapt_on: tuple[str, ...], preprocessing: str = "") -> str:
     weights = weights_path()
     return cache_key(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, windows=CT_WINDOWS, weights=weights.name,
                      weights_bytes=weights.stat().st_size, freeze_blocks=cfg.freeze_blocks, views=views,
                      prefix_bn=cfg.prefix_bn,
-                     adapt_on=hashlib.sha256("".join(adapt_on).encode()).hexdigest() if adapt_on else "")
+                     adapt_on=hashlib.sha256("".join(adapt_on).encode()).hexdigest() if adapt_on else "",
+                     **({"preprocessing": preprocessing} if preprocessing else {}))
 
 
 def site_inputs(model: EfficientNetLite0, cfg: RunConfig, data: SiteData, work_dir: Path,
@@ -98,8 +99,9 @@ def site_inputs(model: EfficientNetLite0, cfg: RunConfig, data: SiteData, work_d
         return SiteInputs(pixel_inputs(model, data.x_train, views, device), pixel_inputs(model, data.x_test, 1, device),
                           unlabelled=pixel_inputs(model, data.x_unlabelled, 1, device) if cfg.label_shift else None)
     folder = Path(work_dir) / "cache"
-    train_cache = FeatureCache(folder, _prefix_key(cfg, views, adapt_on), memory_mb=cfg.cache_memory_mb)
-    test_cache = FeatureCache(folder, _prefix_key(cfg, 1, adapt_on), memory_mb=cfg.cache_memory_mb)
+    train_cache = FeatureCache(folder, _prefix_key(cfg, views, adapt_on, data.preprocessing),
+                               memory_mb=cfg.cache_memory_mb)
+    test_cache = FeatureCache(folder, _prefix_key(cfg, 1, adapt_on, data.preprocessing), memory_mb=cfg.cache_memory_mb)
     if cfg.prefix_bn == "site":
         stats = train_cache.extra()
         if stats:

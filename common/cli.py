@@ -2,6 +2,8 @@
 
     fedrad synth --out data/synthetic          # built-in multi-center DICOM data
     fedrad simulate --out runs/demo            # federated run in Flower's Simulation Engine
+    fedrad compare --out runs/compare          # every strategy side by side (server/compare_cli.py)
+    fedrad provision | coordinator | register | site | submit   # a real deployment (common/cli_deploy.py)
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from common.cli_deploy import add_deploy_commands
 
 DEFAULT_DATA = Path("data/synthetic")
 # Before torch loads OpenMP: waiting threads sleep rather than spin (on a busy 2-core
@@ -82,7 +86,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         changes["num_server_rounds"] = args.rounds
     cfg = cfg.replace(**changes)
-    report = simulate(cfg, num_cpus=args.cpus)
+    report = simulate(cfg, num_cpus=args.cpus, resume=args.resume)
     table = Table(title=f"fedrad simulate · {report['strategy']} · {report['rounds']} rounds · "
                         f"{report['simulate_wall_seconds']:.0f} s")
     for col in ("site", "n train", "n test", "AUC", "bal. acc.", "ECE", "bytes/round"):
@@ -95,6 +99,34 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"full-model FedAvg would send {report['full_model_bytes']:,} bytes a round; "
                   f"report: {args.out / 'report.md'}")
+    return 0
+
+
+def cmd_shift(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from server.shift_study import run_shift_study
+
+    cfg = load_config(args.run_config)
+    data = args.data or DEFAULT_DATA
+    if args.data is None and not data.is_dir():
+        make_synthetic(data, seed=cfg.seed)
+    changes = {"data_dir": str(data.resolve())}
+    if args.rounds is not None:
+        changes["num_server_rounds"] = args.rounds
+    console = Console()
+    study = run_shift_study(cfg.replace(**changes), args.out.resolve(), seeds=range(args.seeds), method=args.method,
+                            num_cpus=args.cpus, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    table = Table(title=f"fedrad shift · harmonize off vs {study['method']} · mean over {len(study['seeds'])} seed(s)")
+    for col in ("site", "spacing mm", "shift pretrained off→on", "shift last round off→on", "AUC off→on"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    for s in study["sites"]:
+        table.add_row(s["name"], f"{s['spacing_mm'].get('median', 0):.2f}", f"{fmt(s['pre_off'])} → {fmt(s['pre_on'])}",
+                      f"{fmt(s['final_off'])} → {fmt(s['final_on'])}", f"{fmt(s['auc_off'])} → {fmt(s['auc_on'])}")
+    console.print(table)
+    console.print(f"written: {args.out / 'shift.json'}, {args.out / 'shift.md'}")
     return 0
 
 
@@ -165,7 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
                    help="override [tool.flwr.app.config] keys, e.g. \"freeze-blocks=12 lr-max=0.001\"")
     p.add_argument("--cpus", type=int, default=None, help="CPU cores the simulation may use (default: all)")
+    p.add_argument("--resume", action="store_true", help="go on from OUT's checkpoint instead of round 1")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("shift", help="harmonisation off vs on, per seed: shift table and each site's AUC side by side",
+                       description="Runs the federation with harmonize=off and harmonize=METHOD for each seed "
+                                   "(sites share one feature cache) and writes OUT/shift.json and shift.md: per "
+                                   "site spacing, intensity summary, shift score off/on and test AUC off/on, "
+                                   "means over the seeds.",
+                       epilog="example: fedrad shift --out runs/shift --seeds 3 --method median")
+    p.add_argument("--data", type=Path, default=None,
+                   help=f"folder with one sub-folder per site (default: {DEFAULT_DATA}, generated if absent)")
+    p.add_argument("--out", type=Path, default=Path("runs/shift"), help="output folder (default: runs/shift)")
+    p.add_argument("--seeds", type=int, default=3, help="run seeds 0..N-1 (default: 3)")
+    p.add_argument("--method", default="median", choices=["quantile", "landmarks", "median"],
+                   help="harmonisation of the 'on' runs (default: median)")
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds per run (run-config num-server-rounds)")
+    p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
+                   help="override [tool.flwr.app.config] keys for every run")
+    p.add_argument("--cpus", type=int, default=None, help="CPU cores each simulation may use (default: all)")
+    p.set_defaults(func=cmd_shift)
 
     p = sub.add_parser("bench", help="measure cached vs uncached epochs, bytes per round, simulation time/memory",
                        description="Writes OUT/bench.json and prints a table: epoch_seconds_uncached, "
@@ -191,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="timed steps of the bare loops")
     p.add_argument("--out", type=Path, default=Path("runs/gpu"))
     p.set_defaults(func=cmd_bench_gpu)
+    add_deploy_commands(sub)
+
+    from server.compare_cli import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 
@@ -199,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as err:
         logging.getLogger("fedrad").error("%s", err)
         return 2
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-BN_MODES = ("fedbn", "shared")
+BN_MODES = ("fedbn", "silobn", "shared")
 AUGMENTS = ("dihedral", "none")
 PREFIX_BN = ("pretrained", "site")
+HARMONIZE = ("off", "quantile", "landmarks", "median")
 DEVICES = ("auto", "cpu", "cuda")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +30,7 @@ class RunConfig:
     """Every knob of a federated run. Field `lr_max` is run-config key `lr-max`, and so on."""
 
     num_server_rounds: int = 5
-    bn_mode: str = "fedbn"  # fedbn: BN stays at each site; shared: BN averaged like any layer (plain FedAvg)
+    bn_mode: str = "fedbn"  # fedbn: BN at each site; silobn: BN affine averaged, stats local; shared: all (FedAvg)
     freeze_blocks: int = 14  # freeze stem + first K units (17 = linear probe, -1 = full fine-tuning)
     lr_max: float = 0.003  # learning rate of the classifier
     lr_decay: float = 0.5  # gamma: each level below the classifier gets gamma times the rate above
@@ -41,11 +42,12 @@ class RunConfig:
     device: str = "auto"  # auto: CUDA when present (bf16 autocast, channels-last), else CPU
     batch_size: int = 32
     weight_decay: float = 0.0001
-    spacing_mm: float = 0.5  # every image is resampled to this pixel spacing (mm)
+    spacing_mm: float = 0.5  # every image is resampled to this pixel spacing (mm); 0 = the coordinator picks the sites' median
     fov_mm: float = 48.0  # physical field of view around the lesion (mm); CNN input = fov/spacing px
     seed: int = 0
     min_sites: int = 2  # a round needs at least this many sites to reply
     round_timeout: float = 3600.0  # seconds the coordinator waits for replies in a round
+    norm_outlier_factor: float = 10.0  # reject an update > this x the others' median distance from the global (0 = off)
     logit_adjust: float = 0.0  # tau of the logit-adjusted loss CE(logits + tau log pi_site); 1 with bn-mode=shared
     label_shift: bool = True  # last round: sites calibrate (BCTS), estimate their prior (EM, BBSE), correct, personalise
     personalise_steps: int = 50  # last round: L-BFGS steps fitting a site-only copy of the decision layer (0 = off)
@@ -54,6 +56,9 @@ class RunConfig:
     data_dir: str = ""  # simulation only: folder with one sub-folder per site
     out_dir: str = "runs/latest"  # where the coordinator writes report.json / report.md
     work_dir: str = ""  # simulation only: root of the sites' work folders ("" = <out-dir>/sites)
+    harmonize: str = "off"  # map each site's HU onto the federated reference: quantile | landmarks (Nyúl–Udupa) | median
+    harmonize_split_hu: float = -1024.0  # > -1024: match below / above this HU separately (e.g. -400: lung vs tissue)
+    shift_dim: int = 16  # shift score: feature moments in this many projected dimensions (0 = no shift score)
 
     def __post_init__(self) -> None:
         checks = [
@@ -69,14 +74,18 @@ class RunConfig:
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.batch_size >= 2, "batch-size must be >= 2 (BatchNorm needs two samples)"),
             (self.weight_decay >= 0, "weight-decay must be >= 0"),
-            (self.spacing_mm > 0, "spacing-mm must be > 0"),
+            (self.spacing_mm >= 0, "spacing-mm must be > 0 (or 0: the coordinator picks the sites' median)"),
             (self.fov_mm >= 8 * self.spacing_mm, "fov-mm must be at least 8 pixels of spacing-mm"),
             (self.min_sites >= 1, "min-sites must be >= 1"),
             (self.round_timeout > 0, "round-timeout must be > 0"),
+            (self.norm_outlier_factor == 0 or self.norm_outlier_factor > 1,
+             "norm-outlier-factor must be 0 (off) or > 1"),
             (self.logit_adjust >= 0, "logit-adjust must be >= 0"),
             (self.personalise_steps >= 0, "personalise-steps must be >= 0"),
             (self.personalise_l2 > 0, "personalise-l2 must be > 0"),
             (0 < self.disagreement_threshold <= 1, "disagreement-threshold must be in (0, 1]"),
+            (self.harmonize in HARMONIZE, f"harmonize must be one of {HARMONIZE}"),
+            (0 <= self.shift_dim <= 256, "shift-dim must be between 0 (off) and 256"),
         ]
         for ok, message in checks:
             if not ok:
@@ -106,6 +115,9 @@ class RunConfig:
     @property
     def image_size(self) -> int:
         """CNN input side in pixels."""
+        if self.spacing_mm == 0:
+            raise ValueError("spacing-mm = 0 (auto) has no image size until the coordinator has chosen the "
+                             "reference spacing from the sites' spacing summaries.")
         return round(self.fov_mm / self.spacing_mm)
 
 

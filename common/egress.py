@@ -4,15 +4,21 @@ Privacy is the product: no pixel, feature map or per-image prediction may leave 
 A reply may hold only (1) the shared weights, under exactly the expected names and shapes,
 (2) scalar metrics from a fixed list (aggregates: counts, loss, AUC), and (3) the site's
 name. Lists are refused in metrics and config values, because a list is how a per-image
-vector would be smuggled out.
+vector would be smuggled out. (4) A few named aggregate arrays in their own records, each
+with an exact name and shape (`records`): the per-channel BN running statistics of the
+named layers (`bn-stats`, aggregates over all the site's training images), the HU
+histogram in the fixed bins and the projected feature moments (`common/harmonize.py`,
+`common/shift.py`); their shapes do not depend on the number of images, so they cannot
+carry one row per image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from common.records import Description
+from common.harmonize import N_BINS
+from common.records import (BN_STATS, HARMONIZED, HISTOGRAM, INTENSITY, MOMENTS, RAW, Description, moment_keys)
 
 
 class EgressError(RuntimeError):
@@ -29,12 +35,39 @@ class EgressPolicy:
     array_record: str = "arrays"
     metric_record: str = "metrics"
     config_record: str = "site"
+    records: Mapping[str, Mapping[str, tuple[int, ...]]] = field(default_factory=dict)  # record -> {name: shape}
 
     @classmethod
-    def build(cls, arrays: Mapping[str, tuple[int, ...]], metrics: Iterable[str]) -> EgressPolicy:
-        return cls(arrays=dict(arrays), metrics=frozenset(metrics))
+    def build(cls, arrays: Mapping[str, tuple[int, ...]], metrics: Iterable[str],
+              records: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None, *,
+              bn_stats: Mapping[str, tuple[int, ...]] | None = None) -> EgressPolicy:
+        extra = {name: dict(shapes) for name, shapes in (records or {}).items()}
+        if bn_stats:
+            extra[BN_RECORD] = dict(bn_stats)
+        return cls(arrays=dict(arrays), metrics=frozenset(metrics), records=extra)
 
 
+def aggregate_records(kind: str, shift_dim: int) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The aggregate array records a reply of this kind may carry, with exact names and shapes.
+
+    `reference` query: the HU histogram in the fixed bins. `shift` query: feature moments of
+    the pretrained model on raw and on harmonised inputs. `evaluate`: feature moments of the
+    current model. `train`: none. With shift-dim 0 no moments at all.
+    """
+    def moment_shapes(prefix: str) -> dict[str, tuple[int, ...]]:
+        mean, cov = moment_keys(prefix)
+        return {mean: (shift_dim,), cov: (shift_dim, shift_dim)}
+
+    if kind == "reference":
+        return {INTENSITY: {HISTOGRAM: (N_BINS,)}}
+    if shift_dim and kind == "shift":
+        return {MOMENTS: {**moment_shapes(RAW), **moment_shapes(HARMONIZED)}}
+    if shift_dim and kind == "evaluate":
+        return {MOMENTS: moment_shapes("")}
+    return {}
+
+
+BN_RECORD = BN_STATS  # the record of per-site BN statistics
 SCALAR_TYPES = {"int", "float"}
 CONFIG_TYPES = {"str", "int", "float", "bool"}
 
@@ -42,17 +75,22 @@ CONFIG_TYPES = {"str", "int", "float", "bool"}
 def check_egress(description: Description, policy: EgressPolicy, *, site: str) -> None:
     """Raise EgressError naming the site and the offending record/key, or return None."""
     allowed = {policy.array_record: "arrays", policy.metric_record: "metrics", policy.config_record: "config"}
+    allowed.update({name: "arrays" for name in policy.records})
+    shapes = {policy.array_record: policy.arrays, **policy.records}
     for name, (kind, entries) in description.items():
         if allowed.get(name) != kind:
             raise EgressError(f"site {site}: record '{name}' of kind {kind} is not on the egress whitelist "
                               f"(allowed: {sorted(allowed)}).")
         if kind == "arrays":
+            expected = shapes[name]
+            what = ("a shared weight" if name == policy.array_record else "a whitelisted BN statistic"
+                    if name == BN_RECORD else f"a whitelisted '{name}' aggregate")
             for key, shape in entries.items():
-                if key not in policy.arrays:
-                    raise EgressError(f"site {site}: array '{key}' is not a shared weight; refused.")
-                if tuple(shape) != tuple(policy.arrays[key]):  # type: ignore[arg-type]
+                if key not in expected:
+                    raise EgressError(f"site {site}: array '{key}' is not {what}; refused.")
+                if tuple(shape) != tuple(expected[key]):  # type: ignore[arg-type]
                     raise EgressError(f"site {site}: array '{key}' has shape {shape}, "
-                                      f"expected {tuple(policy.arrays[key])}; refused.")
+                                      f"expected {tuple(expected[key])}; refused.")
         elif kind == "metrics":
             for key, type_name in entries.items():
                 if key not in policy.metrics:

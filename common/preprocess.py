@@ -16,7 +16,7 @@ so its centre is at ((r + 0.5)*sr, (c + 0.5)*sc) mm.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -240,7 +240,10 @@ class Preprocessor:
     Resample/crop around the lesion, then CT windows (modality "CT") or robust
     percentile scaling (any other modality; percentiles of the whole image,
     on a regular <= 1 Mpx subsample for large radiographs), then the
-    backbone's input scaling.
+    backbone's input scaling. An optional ``intensity_map`` (HU -> HU, e.g. the
+    site's federated histogram matching, `common.harmonize.IntensityMatch`) is
+    applied to CT crops between resampling and windowing; its repr is part of
+    this preprocessor's repr, which keys every cache of CNN inputs.
 
     Attributes:
         size: Output side in pixels.
@@ -256,6 +259,7 @@ class Preprocessor:
         spacing_mm: float = 0.5,
         fov_mm: float = 48.0,
         ct_windows: Sequence[tuple[float, float]] = CT_WINDOWS,
+        intensity_map: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         if len(ct_windows) != 3:
             raise ValueError(
@@ -267,9 +271,11 @@ class Preprocessor:
         self.robust = RobustScaleChannels(channels=3)
         self.normalize = NormalizeForBackbone()
         self.size = self.resample.size
+        self.intensity_map = intensity_map
 
     def __repr__(self) -> str:
-        return f"Preprocessor({self.resample!r}, {self.window!r}, {self.robust!r}, {self.normalize!r})"
+        mapped = "" if self.intensity_map is None else f", {self.intensity_map!r}"
+        return f"Preprocessor({self.resample!r}{mapped}, {self.window!r}, {self.robust!r}, {self.normalize!r})"
 
     def __call__(self, image: DicomImage, center_rc: tuple[float, float] | None = None) -> np.ndarray:
         """Return float32 (3, size, size) ready for the CNN.
@@ -280,6 +286,8 @@ class Preprocessor:
         """
         crop = self.resample(image, center_rc)
         if image.modality.strip().upper() == "CT":
+            if self.intensity_map is not None:
+                crop = self.intensity_map(crop)
             channels = self.window(crop)
         else:
             channels = self.robust(crop, reference=_subsample(image.values))

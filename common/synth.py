@@ -112,7 +112,9 @@ def default_sites() -> list[SiteSpec]:
     site-c is small and low-prevalence (the site that gains most from federation): 80
     patients, 16 malignant; it puts 40 % in its test split so its test AUC rests on more
     than a handful of malignant cases;
-    site-d stores values at slope 0.5, so its raw integers are not HU;
+    site-d stores values at slope 0.5, so its raw integers are not HU, and its scanner reads
+    150 HU high (a miscalibrated scanner): strong enough that intensity harmonisation
+    measurably lowers its feature shift (`fedrad shift`); at +20 HU it barely registered;
     site-e labels by a stricter rule (concept shift, `label_threshold` -1.2: lesions up to
     1.2 units of the latent score below the usual threshold are called malignant), which
     no prior correction can undo; its 100 test images are enough to judge that.
@@ -121,7 +123,7 @@ def default_sites() -> list[SiteSpec]:
         SiteSpec("site-a", 1000, 0.30, 0.70, 15.0, "smooth", 0.0, "Siemens", test_fraction=0.35, unlabelled_fraction=0.5),
         SiteSpec("site-b", 1000, 0.90, 0.90, 25.0, "sharp", 40.0, "GE", test_fraction=0.35, unlabelled_fraction=0.5),
         SiteSpec("site-c", 80, 0.20, 0.60, 10.0, "smooth", -30.0, "Philips", test_fraction=0.4),
-        SiteSpec("site-d", 120, 0.45, 1.00, 35.0, "sharp", 20.0, "Canon", rescale_slope=0.5),
+        SiteSpec("site-d", 120, 0.45, 1.00, 35.0, "sharp", 150.0, "Canon", rescale_slope=0.5),
         SiteSpec("site-e", 250, 0.35, 0.80, 20.0, "smooth", -15.0, "Siemens", label_threshold=-1.2, test_fraction=0.4),
     ]
 

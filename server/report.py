@@ -12,6 +12,7 @@ from typing import Any
 
 from common.config import RunConfig
 from server.label_shift import load_truth, markdown_section, site_fields, training_prior
+from server.shift_report import harmonization_markdown
 from server.strategy import SiteLog
 
 
@@ -80,6 +81,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         if report[key]:
             lines += ["", f"## {title}", ""] + [f"- round {e['round']}, {e['site']}: {e['reason']}" for e in report[key]]
     lines += markdown_section(report)
+    if "harmonization" in report:
+        lines += [""] + harmonization_markdown(report["harmonization"])
     lines += ["", "![AUC per round](report.png)", ""]
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 import client.app as site_app
 from client.train import build_model
 from common.config import RunConfig
-from common.finetune import shared_keys
+from common.finetune import shared_keys, site_bn_stat_keys
 from common.records import ARRAYS, to_array_record
 from common.synth import SiteSpec, generate
 
@@ -37,11 +37,16 @@ def test_train_reply_holds_only_shared_weights_and_scalars(tiny_site, tmp_path):
     msg = message(cfg, "train")
     out = site_app.train(msg, context)
     content = out.content
-    assert set(content.keys()) == {"arrays", "metrics", "site"}
+    assert set(content.keys()) == {"arrays", "metrics", "site", "bn-stats"}
     sent = {k: tuple(a.shape) for k, a in content["arrays"].items()}
     assert sent == {k: tuple(a.shape) for k, a in msg.content["arrays"].items()}
+    # BN statistics: running mean/var of the trained BN layers, one value per channel, with their image count
+    bn_sent = {k: tuple(a.shape) for k, a in content["bn-stats"].items()}
+    assert list(bn_sent) == site_bn_stat_keys(build_model(cfg))
+    assert all(len(shape) == 1 and k.endswith(("running_mean", "running_var")) for k, shape in bn_sent.items())
+    assert content["metrics"]["bn-samples"] == content["metrics"]["n-train"]
     n_images = 16
-    for shape in sent.values():  # no pixel or per-image array: nothing shaped by the image count or size
+    for shape in [*sent.values(), *bn_sent.values()]:  # no pixel or per-image array: nothing shaped by the image count or size
         assert n_images not in shape[:1] and cfg.image_size not in shape
     for value in content["metrics"].values():
         assert isinstance(value, (int, float))

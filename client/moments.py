@@ -1,0 +1,88 @@
+"""A site's feature moments for the shift score: penultimate features, projected, summarised.
+
+Before round 1 (`pretrained_moments`) the model is the pretrained one every site starts
+from, run once on the site's raw inputs and once on its harmonised inputs: the same
+feature extractor everywhere, so the two shift scores differ only by the harmonisation.
+During the run (evaluate) it is the site's current model on the inputs it trains on.
+
+The coordinator sends a fixed projection (k x 1280); the site runs its current model on
+its own images, takes the 1280-d penultimate features (the input of the classifier,
+captured with a forward hook so that cached and pixel inputs work alike), projects them
+to k dimensions and sends only their mean (k,) and covariance (k, k)
+(`common.shift.Moments`). No Flower here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.dataset import load_site_cached
+from client.features import site_inputs
+from client.reference import site_preprocessor
+from client.train import Inputs, build_model, pick_device
+from common.config import RunConfig
+from common.efficientnet_lite import EfficientNetLite0
+from common.preprocess import Preprocessor
+from common.records import HARMONIZED, RAW, moment_keys
+from common.shift import MIN_SAMPLES, Moments, moments
+
+log = logging.getLogger("fedrad.site")
+
+
+@torch.no_grad()
+def penultimate_features(model: EfficientNetLite0, inputs: Sequence[Inputs], batch_size: int = 64) -> np.ndarray:
+    """(N, 1280) float32: the classifier's input for every image of `inputs` (view 0, eval mode)."""
+    captured: list[torch.Tensor] = []
+    hook = model._fc.register_forward_hook(lambda module, args, output: captured.append(args[0].float().cpu()))
+    model.eval()
+    try:
+        for part in inputs:
+            for i in range(0, part.n, batch_size):
+                part.forward(part.batch(torch.arange(i, min(i + batch_size, part.n)), 0))
+    finally:
+        hook.remove()
+    return torch.cat(captured).numpy() if captured else np.zeros((0, model._fc.in_features), np.float32)
+
+
+def feature_moments(model: EfficientNetLite0, inputs: Sequence[Inputs], projection: np.ndarray, *,
+                    site: str) -> Moments | None:
+    """Moments of the projected penultimate features, or None (logged) with too few images."""
+    features = penultimate_features(model, inputs)
+    if len(features) < MIN_SAMPLES:
+        log.warning("site %s: only %d images, fewer than %d: it sends no feature moments (no shift score).",
+                    site, len(features), MIN_SAMPLES)
+        return None
+    return moments(features.astype(np.float64) @ np.asarray(projection, dtype=np.float64).T)
+
+
+def pretrained_moments(cfg: RunConfig, site_dir: Path, work_dir: Path, projection: np.ndarray | None,
+                       reference: np.ndarray | None, *, site: str) -> tuple[dict[str, np.ndarray], int]:
+    """Moments of the pretrained model's features on raw (and, with harmonize on, harmonised) inputs.
+
+    Returns the arrays to send (keys `raw/feature-mean`, ... `harmonized/feature-cov`) and the
+    number of images they summarise. The prefix features land in the site's feature cache,
+    where the first training round finds them.
+    """
+    if projection is None:
+        raise ValueError(f"site {site}: the shift query carries no projection; coordinator and site must run "
+                         "the same fedrad version.")
+    variants = [(RAW, Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))]
+    if cfg.harmonize != "off":
+        variants.append((HARMONIZED, site_preprocessor(cfg, site_dir, reference, site=site)))
+    device = pick_device(cfg.device)
+    arrays: dict[str, np.ndarray] = {}
+    n = 0
+    for prefix, preprocessor in variants:
+        data = load_site_cached(site_dir, preprocessor)
+        model = build_model(cfg, device)
+        inputs = site_inputs(model, cfg, data, work_dir, device)
+        found = feature_moments(model, [inputs.train, inputs.test], projection, site=site)
+        if found is not None:
+            arrays.update(zip(moment_keys(prefix), (found.mean, found.cov)))
+            n = found.n
+    return arrays, n

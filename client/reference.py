@@ -1,0 +1,137 @@
+"""The site's side of the federated intensity reference. No Flower here.
+
+Before round 1 a site describes its intensities to the coordinator by two aggregates only:
+the histogram of the HU values inside its lesion fields of view (the same crops the CNN
+sees, before windowing; fixed bins, counts only) and a summary of its pixel spacings.
+During the run it receives the pooled reference histogram back and maps its own HU onto
+it (`common.harmonize.IntensityMatch`) before the CT windows.
+
+The histogram is taken over the training and unlabelled images (not the test split, so
+the map is fitted without looking at what is scored). It is recomputed from the site's
+own files on demand and remembered per process: nothing about it needs to persist.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from client.dataset import folder_fingerprint, load_site
+from common.config import RunConfig
+from common.dicom import DicomImage
+from common.harmonize import HarmonizationWarning, IntensityMatch, intensity_histogram, validate_counts
+from common.preprocess import Preprocessor
+
+log = logging.getLogger("fedrad.site")
+
+
+class HUCrop(Preprocessor):
+    """The resample/crop step alone: (1, size, size) float32 in HU for CT, NaN otherwise.
+
+    Lets `load_site` (labels.csv, validation, skipped files) deliver exactly the HU crops
+    that the CNN's preprocessing would window. Non-CT images have no HU: they come back
+    as NaN and are not counted in a histogram.
+    """
+
+    def __repr__(self) -> str:
+        return f"HUCrop({self.resample!r})"
+
+    def __call__(self, image: DicomImage, center_rc: tuple[float, float] | None = None) -> np.ndarray:
+        crop = self.resample(image, center_rc)
+        if image.modality.strip().upper() != "CT":
+            crop = np.full_like(crop, np.nan)
+        return crop[None]
+
+
+@dataclass(frozen=True)
+class SiteIntensity:
+    """What a site reports for the reference (aggregates only) and keeps for its own map.
+
+    Attributes:
+        counts: int64 (N_BINS,) HU histogram of its training + unlabelled crops.
+        n_images: Images counted in `counts`.
+        n_constant: Crops left out because they were constant (blank images).
+        spacing_mm: (median, min, max) in mm over every image read (sqrt(row x col)).
+    """
+
+    counts: np.ndarray
+    n_images: int
+    n_constant: int
+    spacing_mm: tuple[float, float, float]
+
+    def metrics(self) -> dict[str, float]:
+        """The scalar part of the reply (`common.records.REFERENCE_METRICS`)."""
+        median, low, high = self.spacing_mm
+        return {"n-images": self.n_images, "n-pixels": int(self.counts.sum()), "n-constant": self.n_constant,
+                "spacing-median-mm": median, "spacing-min-mm": low, "spacing-max-mm": high}
+
+
+_MEMO: dict[tuple, SiteIntensity] = {}
+
+
+def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None) -> SiteIntensity:
+    """The site's histogram (at the run's spacing and field of view) and spacing summary.
+
+    With `spacing-mm = 0` (the coordinator has not chosen the spacing yet) only the
+    spacing summary is meaningful; the histogram is then empty.
+    """
+    site_dir = Path(site_dir)
+    site = site or site_dir.resolve().name
+    spacing = cfg.spacing_mm or cfg.fov_mm / 8.0  # a tiny crop when only spacings are wanted
+    cropper = HUCrop(spacing_mm=spacing, fov_mm=cfg.fov_mm)
+    key = (str(site_dir.resolve()), repr(cropper), folder_fingerprint(site_dir))
+    if key not in _MEMO:
+        _MEMO.clear()
+        _MEMO[key] = _measure(site_dir, cropper, site, want_histogram=cfg.spacing_mm > 0)
+    return _MEMO[key]
+
+
+def _measure(site_dir: Path, cropper: HUCrop, site: str, *, want_histogram: bool) -> SiteIntensity:
+    data = load_site(site_dir, cropper)
+    spacings = np.sqrt(np.prod(data.spacings_mm, axis=1)) if len(data.spacings_mm) else np.array([np.nan])
+    summary = (float(np.median(spacings)), float(np.min(spacings)), float(np.max(spacings)))
+    counts = np.zeros_like(intensity_histogram(np.zeros(0)))
+    crops = [c[0] for part in (data.x_train, data.x_unlabelled) for c in part] if want_histogram else []
+    n_constant = n_images = 0
+    for crop in crops:
+        finite = crop[np.isfinite(crop)]
+        if finite.size == 0:
+            continue  # not CT: no HU to count
+        if float(finite.max()) == float(finite.min()):
+            n_constant += 1
+            continue
+        counts += intensity_histogram(finite)
+        n_images += 1
+    if n_constant:
+        _warn(f"site {site}: {n_constant} of its crops are constant (blank images?); they are left out of its "
+              "intensity histogram (they still train).")
+    return SiteIntensity(counts, n_images, n_constant, summary)
+
+
+def _warn(message: str) -> None:
+    """A site-side harmonisation problem: in the site's log and as a HarmonizationWarning."""
+    log.warning("%s", message)
+    warnings.warn(HarmonizationWarning(message), stacklevel=3)
+
+
+def site_preprocessor(cfg: RunConfig, site_dir: Path, reference: np.ndarray | None, *,
+                      site: str | None = None) -> Preprocessor:
+    """The CNN preprocessing of this run: with `harmonize` on, HU mapped onto `reference` first."""
+    if cfg.harmonize == "off":
+        return Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm)
+    site = site or Path(site_dir).resolve().name
+    if reference is None:
+        raise ValueError(f"site {site}: harmonize = '{cfg.harmonize}' but the coordinator sent no reference "
+                         "histogram; coordinator and site must run the same fedrad version.")
+    own = site_intensity(site_dir, cfg, site=site)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", HarmonizationWarning)
+        match = IntensityMatch.fit(own.counts, validate_counts(reference, what="the reference histogram"),
+                                   method=cfg.harmonize, split_hu=cfg.harmonize_split_hu, site=site)
+    for warning in caught:
+        _warn(str(warning.message))
+    return Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, intensity_map=match)
