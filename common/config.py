@@ -48,11 +48,11 @@ class RunConfig:
     min_sites: int = 2  # a round needs at least this many sites to reply
     round_timeout: float = 3600.0  # seconds the coordinator waits for replies in a round
     norm_outlier_factor: float = 10.0  # reject an update > this x the others' median distance from the global (0 = off)
-    logit_adjust: float = 1.0  # tau of the logit-adjusted loss: CE(logits + tau log pi_site); 0 = plain cross-entropy
+    logit_adjust: float = 0.0  # tau of the logit-adjusted loss CE(logits + tau log pi_site); 1 with bn-mode=shared
     label_shift: bool = True  # last round: sites calibrate (BCTS), estimate their prior (EM, BBSE), correct, personalise
     personalise_steps: int = 50  # last round: L-BFGS steps fitting a site-only copy of the decision layer (0 = off)
     personalise_l2: float = 1.0  # pull of that copy toward the global decision layer (lambda/2 ||W - W_global||^2)
-    disagreement_threshold: float = 0.2  # flag concept shift when this fraction of decisions differ
+    disagreement_threshold: float = 0.15  # flag concept shift when this fraction of decisions differ
     data_dir: str = ""  # simulation only: folder with one sub-folder per site
     out_dir: str = "runs/latest"  # where the coordinator writes report.json / report.md
     work_dir: str = ""  # simulation only: root of the sites' work folders ("" = <out-dir>/sites)
