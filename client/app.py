@@ -1,8 +1,9 @@
 """fedrad ClientApp: one hospital site. Wiring only: read the message, call `client/` and `common/`.
 
 Per message the site (1) reads its own DICOM folder, (2) builds the pretrained model and
-loads the coordinator's shared weights plus its own BatchNorm from the node's state,
-(3) trains or evaluates, (4) keeps its BN, and (5) replies with the shared weights and
+loads the coordinator's shared weights plus its own BatchNorm (from the node's state, or
+from its own disk after a restart: `client.local_state`), (3) trains or evaluates, (4)
+keeps its BN in both places, and (5) replies with the shared weights and
 scalar aggregates only, after the egress whitelist has checked the reply.
 
 Before round 1 the coordinator may query the site (`query`): for its HU histogram and
@@ -23,20 +24,23 @@ from flwr.clientapp import ClientApp
 
 from client.dataset import SiteData, load_site_cached
 from client.features import SiteInputs, site_inputs
+from client.local_state import LocalStateStore
 from client.moments import feature_moments, pretrained_moments
 from client.reference import site_intensity, site_preprocessor
-from client.train import build_model, fit, pick_device, predict_proba
+from client.site_shift import evaluate_site
+from client.train import build_model, fit, pick_device
 from common.config import RunConfig
 from common.efficientnet_lite import EfficientNetLite0
 from common.egress import EgressPolicy, aggregate_records, check_egress
+from common.feature_shift import Moments
 from common.finetune import local_keys
-from common.metrics import classification_metrics
-from common.preprocess import Preprocessor
-from common.records import (ARRAYS, CONFIG, EVAL_METRICS, HISTOGRAM, INTENSITY, METRICS, MOMENTS,
-                            N_FEATURES, NUM_EXAMPLES, PROJECTION, QUERY_KIND, QUERY_KINDS, REFERENCE,
-                            REFERENCE_HISTOGRAM, REFERENCE_METRICS, SITE, TRAIN_METRICS, describe, from_array_record,
-                            from_numpy, moment_keys, to_array_record)
-from common.shift import Moments
+from common.finetune import site_bn_stat_keys
+from common.labelshift import logit_adjustment
+from common.records import (ARRAYS, CLASS_COUNTS, CONFIG, EVAL_METRICS, FEDERATION_ID, LABEL_SHIFT, METRICS,
+                            NUM_EXAMPLES, SITE, TRAIN_METRICS, describe, from_array_record, to_array_record)
+from common.records import BN_SAMPLES, BN_STATS
+from common.records import (HISTOGRAM, INTENSITY, MOMENTS, N_FEATURES, PROJECTION, QUERY_KIND, QUERY_KINDS, REFERENCE,
+                            REFERENCE_HISTOGRAM, REFERENCE_METRICS, from_numpy, moment_keys)
 from common.sites import discover_sites
 
 LOCAL_STATE = "fedrad-local"  # key in context.state: this site's own BN tensors
@@ -64,6 +68,24 @@ def work_folder(context: Context, cfg: RunConfig, site: str) -> Path:
     return Path(cfg.work_dir or Path(cfg.out_dir) / "sites") / site
 
 
+def local_store(msg: Message, context: Context, cfg: RunConfig, site: str) -> LocalStateStore:
+    """This site's per-round BN files for the coordinator's experiment (federation id)."""
+    federation = str(msg.content[CONFIG].get(FEDERATION_ID, f"run-{context.run_id}"))
+    return LocalStateStore(work_folder(context, cfg, site), federation)
+
+
+def load_local_state(msg: Message, context: Context, cfg: RunConfig, site: str) -> dict | None:
+    """The site's own BN: from the node's memory (same run), else from its disk (restarted daemon or run)."""
+    if LOCAL_STATE in context.state:
+        return from_array_record(context.state[LOCAL_STATE])  # type: ignore[arg-type]
+    server_round = int(msg.content[CONFIG]["server-round"])
+    training = msg.metadata.message_type == "train"
+    found = local_store(msg, context, cfg, site).latest(server_round - 1 if training else server_round)
+    if found is not None:
+        log.info("site %s: BatchNorm of round %d restored from its work folder", site, found[0])
+    return None if found is None else found[1]
+
+
 def reference_arrays(msg: Message) -> dict[str, np.ndarray]:
     """What the coordinator sent in its reference record: pooled histogram and/or projection."""
     return {k: v.numpy() for k, v in msg.content[REFERENCE].items()} if REFERENCE in msg.content else {}
@@ -71,16 +93,19 @@ def reference_arrays(msg: Message) -> dict[str, np.ndarray]:
 
 def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, EfficientNetLite0, SiteInputs]:
     """Config from the message, the site's data, the model with shared + local weights, its inputs."""
-    run_config = {k: v for k, v in msg.content[CONFIG].items() if k != "server-round"}
+    run_config = {k: v for k, v in msg.content[CONFIG].items() if k not in ("server-round", FEDERATION_ID)}
     cfg = RunConfig.from_run_config(run_config)
     folder = site_folder(context, cfg)
     data = load_site_cached(folder, site_preprocessor(cfg, folder, reference_arrays(msg).get(REFERENCE_HISTOGRAM)))
+    if "site-name" in context.node_config:  # deployment: the name the site was provisioned under
+        data.name = str(context.node_config["site-name"])
     device = pick_device(cfg.device)
     model = build_model(cfg, device)
     inputs = site_inputs(model, cfg, data, work_folder(context, cfg, data.name), device)
     state = from_array_record(msg.content[ARRAYS])
-    if LOCAL_STATE in context.state:
-        state.update(from_array_record(context.state[LOCAL_STATE]))  # type: ignore[arg-type]
+    local = load_local_state(msg, context, cfg, data.name)
+    if local is not None:
+        state.update(local)
     unexpected = model.load_state_dict(state, strict=False).unexpected_keys
     if unexpected:
         raise ValueError(f"site {data.name}: the coordinator sent weights this model does not have: {unexpected[:5]}; "
@@ -89,21 +114,29 @@ def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, Effici
 
 
 def reply(msg: Message, data: SiteData, arrays: ArrayRecord | None, metrics: dict[str, float],
+          bn_stats: ArrayRecord | None = None, bn_shapes: dict[str, tuple[int, ...]] | None = None,
           moments: Moments | None = None, shift_dim: int = 0) -> Message:
-    """Wrap the reply and pass it through the egress whitelist before it may leave."""
+    """Wrap the reply and pass it through the egress whitelist before it may leave.
+
+    `bn_shapes` (from the site's own model) whitelists the BN statistics record by name and shape;
+    `moments` go in the `moments` record, whitelisted by `shift_dim`.
+    """
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": data.name})})
     allowed = TRAIN_METRICS
     if arrays is not None:
         content[ARRAYS] = arrays
     else:
         allowed = EVAL_METRICS
+    if bn_stats is not None:
+        content[BN_STATS] = bn_stats
     records = {}
     if moments is not None:
         content[MOMENTS] = from_numpy(dict(zip(moment_keys(), (moments.mean, moments.cov))))
         records = aggregate_records("evaluate", shift_dim)
         allowed = (*allowed, N_FEATURES)
     incoming = {k: tuple(a.shape) for k, a in msg.content[ARRAYS].items()}
-    check_egress(describe(content), EgressPolicy.build(incoming, allowed, records), site=data.name)
+    check_egress(describe(content), EgressPolicy.build(incoming, allowed, bn_shapes, records=records),
+                 site=data.name)
     return Message(content=content, reply_to=msg)
 
 
@@ -120,27 +153,37 @@ def write_summary(context: Context, cfg: RunConfig, data: SiteData, extra: dict[
 def train(msg: Message, context: Context) -> Message:
     cfg, data, model, inputs = prepare(msg, context)
     server_round = int(msg.content[CONFIG]["server-round"])
+    counts = np.bincount(data.y_train, minlength=len(CLASS_COUNTS))  # the site's prior, and its share of π_train
     stats = fit(model, inputs.train, data.y_train, cfg, seed=cfg.seed * 10_000 + server_round,
-                device=pick_device(cfg.device))
+                device=pick_device(cfg.device),
+                logit_offset=logit_adjustment(counts, cfg.logit_adjust) if cfg.logit_adjust else None)
     state = model.state_dict()
     context.state[LOCAL_STATE] = to_array_record(state, local_keys(model, cfg.bn_mode))
+    local_store(msg, context, cfg, data.name).save(server_round, {k: state[k] for k in local_keys(model, cfg.bn_mode)})
     write_summary(context, cfg, data, {"round": server_round, **stats, "cache-hits": inputs.cache_hits,
                                        "cache-misses": inputs.cache_misses})
     metrics = {NUM_EXAMPLES: len(data.y_train), "n-train": len(data.y_train), "n-test": len(data.y_test),
-               "n-skipped": len(data.skipped), **stats}
-    return reply(msg, data, to_array_record(state, list(msg.content[ARRAYS].keys())), metrics)
+               "n-skipped": len(data.skipped), BN_SAMPLES: len(data.y_train), **stats,
+               **dict(zip(CLASS_COUNTS, map(int, counts)))}
+    bn_keys = site_bn_stat_keys(model)  # the BN layers fit() re-estimated on this site's training images
+    bn_stats = to_array_record(state, bn_keys) if bn_keys else None
+    return reply(msg, data, to_array_record(state, list(msg.content[ARRAYS].keys())), metrics,
+                 bn_stats, {k: tuple(state[k].shape) for k in bn_keys})
 
 
 @app.evaluate()
 def evaluate_(msg: Message, context: Context) -> Message:
     cfg, data, model, inputs = prepare(msg, context)
-    metrics = classification_metrics(data.y_test, predict_proba(model, inputs.test, device=pick_device(cfg.device)))
+    final = int(msg.content[CONFIG]["server-round"]) >= cfg.num_server_rounds
+    metrics = evaluate_site(model, inputs, data, cfg, pick_device(cfg.device), prior_train=training_prior(msg),
+                            final=final, work_dir=work_folder(context, cfg, data.name))
     projection = reference_arrays(msg).get(PROJECTION)
     if projection is None:
         return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics})
     moments = feature_moments(model, [inputs.train, inputs.test], projection, site=data.name)
     metrics[N_FEATURES] = 0 if moments is None else moments.n
-    return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics}, moments, cfg.shift_dim)
+    return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics}, moments=moments,
+                 shift_dim=cfg.shift_dim)
 
 
 @app.query()
@@ -150,9 +193,9 @@ def query(msg: Message, context: Context) -> Message:
     kind = str(config.pop(QUERY_KIND, ""))
     if kind not in QUERY_KINDS:
         raise ValueError(f"Unknown query {kind!r}; this site answers {QUERY_KINDS}.")
-    cfg = RunConfig.from_run_config({k: v for k, v in config.items() if k != "server-round"})
+    cfg = RunConfig.from_run_config({k: v for k, v in config.items() if k not in ("server-round", FEDERATION_ID)})
     folder = site_folder(context, cfg)
-    name = folder.resolve().name
+    name = str(context.node_config.get("site-name", folder.resolve().name))
     if kind == "reference":
         own = site_intensity(folder, cfg, site=name)
         records = {INTENSITY: from_numpy({HISTOGRAM: own.counts})} if cfg.spacing_mm > 0 else {}
@@ -168,6 +211,14 @@ def query_reply(msg: Message, name: str, kind: str, cfg: RunConfig, records: dic
                 metrics: dict[str, float], allowed: tuple[str, ...]) -> Message:
     """Wrap a query's aggregates and pass them through the egress whitelist before they may leave."""
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": name}), **records})
-    check_egress(describe(content), EgressPolicy.build({}, allowed, aggregate_records(kind, cfg.shift_dim)),
+    check_egress(describe(content), EgressPolicy.build({}, allowed, records=aggregate_records(kind, cfg.shift_dim)),
                  site=name)
     return Message(content=content, reply_to=msg)
+
+
+def training_prior(msg: Message) -> np.ndarray | None:
+    """The federation's training prior π_train, sent by the coordinator with every evaluation."""
+    if LABEL_SHIFT not in msg.content:
+        return None
+    record = msg.content[LABEL_SHIFT]
+    return np.array([float(record[f"prior-train-{c}"]) for c in range(len(CLASS_COUNTS))])  # type: ignore[index]

@@ -321,17 +321,20 @@ def folder_fingerprint(site_dir: Path) -> tuple:
 
 
 _LOADED: dict[tuple, SiteData] = {}
+MAX_LOADED = 8  # sites remembered per process: an actor (or an in-process federation) serves several in turn
 
 
 def load_site_cached(site_dir: Path, preprocessor: Preprocessor) -> SiteData:
-    """`load_site`, remembered per process while the folder is unchanged (one site per process).
+    """`load_site`, remembered per process while the folder is unchanged (the latest `MAX_LOADED` sites).
 
     A Simulation Engine actor serves its site message after message; re-reading and
     re-preprocessing every DICOM for each message would dominate a round once the
-    frozen prefix is cached. Only the latest folder/preprocessing is kept.
+    frozen prefix is cached. Actors (and `fedrad compare`'s baselines) serve several sites in turn,
+    so a few are kept (a site of a few hundred 96-px images is tens of MB).
     """
     key = (str(Path(site_dir).resolve()), repr(preprocessor), folder_fingerprint(Path(site_dir)))
     if key not in _LOADED:
-        _LOADED.clear()
+        while len(_LOADED) >= MAX_LOADED:
+            _LOADED.pop(next(iter(_LOADED)))
         _LOADED[key] = load_site(site_dir, preprocessor)
     return _LOADED[key]

@@ -34,6 +34,7 @@ class SiteInputs:
     test: Inputs
     cache_hits: int = 0
     cache_misses: int = 0
+    unlabelled: Inputs | None = None  # the site's unlabelled images (label-shift only; view 0)
 
 
 def n_views(cfg: RunConfig) -> int:
@@ -95,7 +96,8 @@ def site_inputs(model: EfficientNetLite0, cfg: RunConfig, data: SiteData, work_d
     if not cfg.feature_cache or start == 0:
         if cfg.prefix_bn == "site" and start > 0:
             adapt_prefix_bn(model, adapt_images, start, cfg.batch_size)
-        return SiteInputs(pixel_inputs(model, data.x_train, views, device), pixel_inputs(model, data.x_test, 1, device))
+        return SiteInputs(pixel_inputs(model, data.x_train, views, device), pixel_inputs(model, data.x_test, 1, device),
+                          unlabelled=pixel_inputs(model, data.x_unlabelled, 1, device) if cfg.label_shift else None)
     folder = Path(work_dir) / "cache"
     train_cache = FeatureCache(folder, _prefix_key(cfg, views, adapt_on, data.preprocessing),
                                memory_mb=cfg.cache_memory_mb)
@@ -108,10 +110,15 @@ def site_inputs(model: EfficientNetLite0, cfg: RunConfig, data: SiteData, work_d
             train_cache.set_extra(adapt_prefix_bn(model, adapt_images, start, cfg.batch_size))
     train = train_cache.get(data.keys_train, lambda idx: compute_prefix(model, data.x_train[idx], start, views, device))
     test = test_cache.get(data.keys_test, lambda idx: compute_prefix(model, data.x_test[idx], start, 1, device))
+    unlabelled = None
+    if cfg.label_shift:  # same cache as the test images: view 0 only
+        unlabelled = cached_inputs(model, _shaped(test_cache.get(
+            data.keys_unlabelled, lambda idx: compute_prefix(model, data.x_unlabelled[idx], start, 1, device)),
+            data.x_unlabelled), start, device)
     return SiteInputs(cached_inputs(model, _shaped(train, data.x_train), start, device),
                       cached_inputs(model, _shaped(test, data.x_test), start, device),
                       cache_hits=train_cache.hits + test_cache.hits,
-                      cache_misses=train_cache.misses + test_cache.misses)
+                      cache_misses=train_cache.misses + test_cache.misses, unlabelled=unlabelled)
 
 
 def _shaped(features: np.ndarray, x: np.ndarray) -> np.ndarray:

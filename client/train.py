@@ -100,7 +100,7 @@ def cached_inputs(model: EfficientNetLite0, features: np.ndarray, start: int, de
 
 
 def fit(model: EfficientNetLite0, inputs: Inputs, y: np.ndarray, cfg: RunConfig, *, seed: int,
-        device: torch.device = torch.device("cpu")) -> dict[str, float]:
+        device: torch.device = torch.device("cpu"), logit_offset: np.ndarray | None = None) -> dict[str, float]:
     """Train the unfrozen part for `cfg.local_epochs` epochs; return mean loss and timing.
 
     Frozen units stay in eval mode (their BN keeps its statistics); trainable units' BN
@@ -109,14 +109,16 @@ def fit(model: EfficientNetLite0, inputs: Inputs, y: np.ndarray, cfg: RunConfig,
     Each batch gets one random dihedral view (augmentation), drawn from `seed`; dropout
     draws from torch's global generator, seeded from `seed` too (inside `fork_rng`, so the
     caller's random state is untouched): the same seed gives the same model.
+    `logit_offset` (K,), when given, is added to the logits inside the loss only: the
+    logit-adjusted loss (`common.labelshift.logit_adjustment`).
     """
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return _fit(model, inputs, y, cfg, seed=seed, device=device)
+        return _fit(model, inputs, y, cfg, seed=seed, device=device, logit_offset=logit_offset)
 
 
 def _fit(model: EfficientNetLite0, inputs: Inputs, y: np.ndarray, cfg: RunConfig, *, seed: int,
-         device: torch.device) -> dict[str, float]:
+         device: torch.device, logit_offset: np.ndarray | None = None) -> dict[str, float]:
     n = len(y)
     if n < 2:
         raise ValueError(f"A site needs at least 2 labelled training images to train; got {n}.")
@@ -124,6 +126,8 @@ def _fit(model: EfficientNetLite0, inputs: Inputs, y: np.ndarray, cfg: RunConfig
     optimizer = make_optimizer(model, param_groups(model, lr_max=cfg.lr_max, lr_decay=cfg.lr_decay),
                                cfg.weight_decay)
     ys = torch.from_numpy(y).long().to(device)
+    offset = torch.zeros(()) if logit_offset is None else torch.as_tensor(logit_offset, dtype=torch.float32)
+    offset = offset.to(device)
     set_train_mode(model, cfg.freeze_blocks)
     losses: list[torch.Tensor] = []  # kept on the device: no GPU sync per step
     start = time.perf_counter()
@@ -135,7 +139,7 @@ def _fit(model: EfficientNetLite0, inputs: Inputs, y: np.ndarray, cfg: RunConfig
             if len(idx) < 2:  # BatchNorm cannot train on a single image
                 continue
             with autocast(device):
-                loss = F.cross_entropy(inputs.forward(inputs.batch(idx, view)).float(), ys[idx.to(device)])
+                loss = F.cross_entropy(inputs.forward(inputs.batch(idx, view)).float() + offset, ys[idx.to(device)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -2,6 +2,8 @@
 
     fedrad synth --out data/synthetic          # built-in multi-center DICOM data
     fedrad simulate --out runs/demo            # federated run in Flower's Simulation Engine
+    fedrad compare --out runs/compare          # every strategy side by side (server/compare_cli.py)
+    fedrad provision | coordinator | register | site | submit   # a real deployment (common/cli_deploy.py)
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from common.cli_deploy import add_deploy_commands
 
 DEFAULT_DATA = Path("data/synthetic")
 # Before torch loads OpenMP: waiting threads sleep rather than spin (on a busy 2-core
@@ -82,7 +86,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         changes["num_server_rounds"] = args.rounds
     cfg = cfg.replace(**changes)
-    report = simulate(cfg, num_cpus=args.cpus)
+    report = simulate(cfg, num_cpus=args.cpus, resume=args.resume)
     table = Table(title=f"fedrad simulate · {report['strategy']} · {report['rounds']} rounds · "
                         f"{report['simulate_wall_seconds']:.0f} s")
     for col in ("site", "n train", "n test", "AUC", "bal. acc.", "ECE", "bytes/round"):
@@ -193,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
                    help="override [tool.flwr.app.config] keys, e.g. \"freeze-blocks=12 lr-max=0.001\"")
     p.add_argument("--cpus", type=int, default=None, help="CPU cores the simulation may use (default: all)")
+    p.add_argument("--resume", action="store_true", help="go on from OUT's checkpoint instead of round 1")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("shift", help="harmonisation off vs on, per seed: shift table and each site's AUC side by side",
@@ -237,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="timed steps of the bare loops")
     p.add_argument("--out", type=Path, default=Path("runs/gpu"))
     p.set_defaults(func=cmd_bench_gpu)
+    add_deploy_commands(sub)
+
+    from server.compare_cli import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 
@@ -245,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as err:
         logging.getLogger("fedrad").error("%s", err)
         return 2
 

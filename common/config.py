@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-BN_MODES = ("fedbn", "shared")
+BN_MODES = ("fedbn", "silobn", "shared")
 AUGMENTS = ("dihedral", "none")
 PREFIX_BN = ("pretrained", "site")
 HARMONIZE = ("off", "quantile", "landmarks", "median")
@@ -30,7 +30,7 @@ class RunConfig:
     """Every knob of a federated run. Field `lr_max` is run-config key `lr-max`, and so on."""
 
     num_server_rounds: int = 5
-    bn_mode: str = "fedbn"  # fedbn: BN stays at each site; shared: BN averaged like any layer (plain FedAvg)
+    bn_mode: str = "fedbn"  # fedbn: BN at each site; silobn: BN affine averaged, stats local; shared: all (FedAvg)
     freeze_blocks: int = 14  # freeze stem + first K units (17 = linear probe, -1 = full fine-tuning)
     lr_max: float = 0.003  # learning rate of the classifier
     lr_decay: float = 0.5  # gamma: each level below the classifier gets gamma times the rate above
@@ -47,6 +47,12 @@ class RunConfig:
     seed: int = 0
     min_sites: int = 2  # a round needs at least this many sites to reply
     round_timeout: float = 3600.0  # seconds the coordinator waits for replies in a round
+    norm_outlier_factor: float = 10.0  # reject an update > this x the others' median distance from the global (0 = off)
+    logit_adjust: float = 1.0  # tau of the logit-adjusted loss: CE(logits + tau log pi_site); 0 = plain cross-entropy
+    label_shift: bool = True  # last round: sites calibrate (BCTS), estimate their prior (EM, BBSE), correct, personalise
+    personalise_steps: int = 50  # last round: L-BFGS steps fitting a site-only copy of the decision layer (0 = off)
+    personalise_l2: float = 1.0  # pull of that copy toward the global decision layer (lambda/2 ||W - W_global||^2)
+    disagreement_threshold: float = 0.2  # flag concept shift when this fraction of decisions differ
     data_dir: str = ""  # simulation only: folder with one sub-folder per site
     out_dir: str = "runs/latest"  # where the coordinator writes report.json / report.md
     work_dir: str = ""  # simulation only: root of the sites' work folders ("" = <out-dir>/sites)
@@ -72,6 +78,12 @@ class RunConfig:
             (self.fov_mm >= 8 * self.spacing_mm, "fov-mm must be at least 8 pixels of spacing-mm"),
             (self.min_sites >= 1, "min-sites must be >= 1"),
             (self.round_timeout > 0, "round-timeout must be > 0"),
+            (self.norm_outlier_factor == 0 or self.norm_outlier_factor > 1,
+             "norm-outlier-factor must be 0 (off) or > 1"),
+            (self.logit_adjust >= 0, "logit-adjust must be >= 0"),
+            (self.personalise_steps >= 0, "personalise-steps must be >= 0"),
+            (self.personalise_l2 > 0, "personalise-l2 must be > 0"),
+            (0 < self.disagreement_threshold <= 1, "disagreement-threshold must be in (0, 1]"),
             (self.harmonize in HARMONIZE, f"harmonize must be one of {HARMONIZE}"),
             (0 <= self.shift_dim <= 256, "shift-dim must be between 0 (off) and 256"),
         ]

@@ -9,7 +9,9 @@ classifier (l = L) getting lr_max. Levels: 0 stem, 1..16 MBConv blocks, 17 head 
 probe, K = 0 freezes the stem only, K = -1 freezes nothing (full fine-tuning).
 
 Which parameters are *shared* with the coordinator is one predicate, `shared_keys`: the
-trainable parameters that are not BatchNorm. BN stays at the site (FedBN).
+trainable parameters that are not BatchNorm, plus the parts of trainable BatchNorm layers
+(found by module type) that the bn-mode shares, `SHARED_BN_PARTS`: none (FedBN), the affine
+weight/bias (SiloBN), or affine and statistics (plain FedAvg).
 """
 
 from __future__ import annotations
@@ -19,10 +21,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.bn import BN_TYPES, bn_state_keys
+from common.bn import BN_TYPES, bn_modules, bn_state_keys
+from common.config import BN_MODES
 from common.efficientnet_lite import EfficientNetLite0
 
 NUM_UNITS = 17  # 16 MBConv blocks + the head conv, above the stem (level 0)
+
+# Which state-dict entries of a *trainable* BatchNorm layer the coordinator averages, per bn-mode.
+# fedbn (Li et al. 2021): none, statistics and affine both follow the site's scanner;
+# silobn (Andreux et al. 2020): the affine weight/bias, statistics stay local;
+# shared (plain FedAvg): everything but the step counter. Frozen BN layers never travel.
+SHARED_BN_PARTS: dict[str, frozenset[str]] = {
+    "fedbn": frozenset(),
+    "silobn": frozenset({"weight", "bias"}),
+    "shared": frozenset({"weight", "bias", "running_mean", "running_var"}),
+}
+BN_STAT_PARTS = ("running_mean", "running_var")
 
 
 @dataclass(frozen=True)
@@ -111,22 +125,40 @@ def make_optimizer(model: EfficientNetLite0, groups: list[ParamGroup], weight_de
     return torch.optim.AdamW(torch_groups)
 
 
-def shared_keys(model: nn.Module, bn_mode: str = "fedbn") -> list[str]:
-    """State-dict keys the coordinator averages: trainable, non-BatchNorm parameters.
+def check_bn_mode(bn_mode: str) -> None:
+    """Refuse an unknown bn-mode, naming the known ones."""
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn-mode must be one of {BN_MODES}; got {bn_mode!r}.")
 
-    With `bn_mode="fedbn"` every BN tensor (statistics and affine) stays at the site. With
-    `bn_mode="shared"` (plain FedAvg) the BN tensors of trainable units travel too.
+
+def trainable_bn_modules(model: nn.Module) -> set[str]:
+    """Names of the BatchNorm layers (by module type) whose affine parameters train.
+
+    These are the layers that adapt to a site: `fit` re-estimates their statistics on the
+    site's own images. Frozen BN layers keep the pretrained statistics everywhere.
     """
-    if bn_mode not in ("fedbn", "shared"):
-        raise ValueError(f"bn-mode must be 'fedbn' or 'shared'; got {bn_mode!r}.")
-    bn_keys = bn_state_keys(model)
+    return {name for name, m in bn_modules(model).items() if any(p.requires_grad for p in m.parameters())}
+
+
+def shared_keys(model: nn.Module, bn_mode: str = "fedbn") -> list[str]:
+    """State-dict keys the coordinator averages, in state-dict order.
+
+    Trainable non-BN parameters always; of each trainable BN layer the parts
+    `SHARED_BN_PARTS[bn_mode]` (none for fedbn, weight/bias for silobn, all but
+    num_batches_tracked for shared).
+    """
+    check_bn_mode(bn_mode)
+    all_bn = set(bn_modules(model))
+    trainable_bn = trainable_bn_modules(model)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    keys = [k for k in model.state_dict() if k in trainable and k not in bn_keys]
-    if bn_mode == "shared":
-        bn_trainable_modules = {name for name, m in model.named_modules()
-                                if isinstance(m, BN_TYPES) and any(p.requires_grad for p in m.parameters())}
-        keys += [k for k in model.state_dict()
-                 if k in bn_keys and k.rsplit(".", 1)[0] in bn_trainable_modules and not k.endswith("num_batches_tracked")]
+    keys = []
+    for key in model.state_dict():
+        module, _, part = key.rpartition(".")
+        if module in all_bn:
+            if module in trainable_bn and part in SHARED_BN_PARTS[bn_mode]:
+                keys.append(key)
+        elif key in trainable:
+            keys.append(key)
     return keys
 
 
@@ -137,6 +169,16 @@ def local_keys(model: nn.Module, bn_mode: str = "fedbn") -> list[str]:
     coordinator every round.
     """
     shared = set(shared_keys(model, bn_mode))
-    trainable_bn = {name for name, m in model.named_modules()
-                    if isinstance(m, BN_TYPES) and any(p.requires_grad for p in m.parameters())}
+    trainable_bn = trainable_bn_modules(model)
     return [k for k in model.state_dict() if k.rsplit(".", 1)[0] in trainable_bn and k not in shared]
+
+
+def site_bn_stat_keys(model: nn.Module) -> list[str]:
+    """running_mean / running_var of every trainable BN layer: what a site reports to the BN registry.
+
+    Per-channel aggregates over all of a site's training images (no per-image value), sent
+    with the image count so the coordinator can pool them (`server.bn_registry`).
+    """
+    trainable_bn = trainable_bn_modules(model)
+    return [k for k in model.state_dict()
+            if k.rpartition(".")[0] in trainable_bn and k.rpartition(".")[2] in BN_STAT_PARTS]

@@ -1,4 +1,4 @@
-"""Per-site test metrics: AUC, balanced accuracy, expected calibration error.
+"""Per-site test metrics: AUC, balanced accuracy, expected calibration error, Brier score.
 
 AUC and balanced accuracy come from scikit-learn. ECE is the top-label version of
 Guo et al. 2017 (equal-width confidence bins, weighted |accuracy - confidence|), which
@@ -27,6 +27,13 @@ def expected_calibration_error(y_true: np.ndarray, p_pos: np.ndarray, n_bins: in
         if mask.any():
             ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
     return float(ece)
+
+
+def brier_score(y_true: np.ndarray, p_pos: np.ndarray) -> float:
+    """Mean squared error of P(y=1 | x) against the 0/1 label (binary Brier score); NaN when empty."""
+    y_true = np.asarray(y_true, dtype=np.float64)
+    p_pos = np.asarray(p_pos, dtype=np.float64)
+    return float(np.mean((p_pos - y_true) ** 2)) if y_true.size else float("nan")
 
 
 def classification_metrics(y_true: np.ndarray, p_pos: np.ndarray) -> dict[str, float]:

@@ -18,6 +18,8 @@ ARRAYS = "arrays"  # the shared weights (coordinator -> site and back)
 CONFIG = "config"  # run config (coordinator -> site)
 METRICS = "metrics"  # aggregates a site reports (counts, loss, AUC, ...)
 SITE = "site"  # who is replying: {"name": site folder name}
+BN_STATS = "bn-stats"  # site -> coordinator: per-channel BN running mean/var of the adapted layers
+LABEL_SHIFT = "label-shift"  # coordinator -> site (evaluate): the training prior {"prior-train-<c>": float}
 REFERENCE = "reference"  # coordinator -> site: pooled HU histogram and/or the shift projection
 INTENSITY = "intensity"  # site -> coordinator (query): its HU histogram in the fixed bins
 MOMENTS = "moments"  # site -> coordinator: mean/covariance of its projected penultimate features
@@ -31,10 +33,20 @@ REFERENCE_HISTOGRAM = "reference-histogram"  # in REFERENCE: the pooled counts (
 PROJECTION = "projection"  # in REFERENCE: (shift-dim, 1280) float32, orthonormal rows
 RAW, HARMONIZED = "raw/", "harmonized/"  # prefixes of the moments keys in a shift-query reply
 
+# Keys of the config record (coordinator -> site) that are not run config.
+FEDERATION_ID = "federation-id"  # one id per experiment, kept across coordinator restarts; names a site's local state
+
 # Metric keys a site may send.
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
-TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds")
-EVAL_METRICS = (NUM_EXAMPLES, "auc", "balanced-accuracy", "ece", "test-loss")
+BN_SAMPLES = "bn-samples"  # images the site's BN statistics were estimated on (the registry's weight)
+CLASS_COUNTS = ("n-class-0", "n-class-1")  # labelled images a site trained on, per class: the training prior
+LABEL_SHIFT_METRICS = (  # last round only (common.shift_flags, client.site_shift): scalars, never per image
+    "n-unlabelled", "prior-em", "prior-bbse", "prior-site", "bcts-temperature", "bcts-bias",
+    "ece-uncorrected", "ece-corrected", "brier-uncorrected", "brier-corrected",
+    "balanced-accuracy-uncorrected", "balanced-accuracy-corrected",
+    "auc-personalised", "disagreement", "concept-shift", "label-shift-flags")
+TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds", BN_SAMPLES, *CLASS_COUNTS)
+EVAL_METRICS = (NUM_EXAMPLES, "auc", "balanced-accuracy", "ece", "test-loss", *LABEL_SHIFT_METRICS)
 N_FEATURES = "n-features"  # images the feature moments were taken over
 REFERENCE_METRICS = ("n-images", "n-pixels", "n-constant", "spacing-median-mm", "spacing-min-mm",
                      "spacing-max-mm")  # spacing summary and histogram counts of a reference-query reply

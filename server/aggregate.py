@@ -61,3 +61,31 @@ def weighted_average(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) 
             acc += arrays[key].astype(np.float64) * (n / total)
         out[key] = acc.astype(ref.dtype)
     return out
+
+
+def update_distance(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """L2 distance between an update and the global model it started from, over all shared keys (float64)."""
+    total = 0.0
+    for key, ref in reference.items():
+        diff = arrays[key].astype(np.float64) - ref.astype(np.float64)
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return float(np.sqrt(total))
+
+
+def norm_outliers(distances: Sequence[float], factor: float) -> list[float | None]:
+    """For each update: the others' median distance when its own exceeds `factor` times it, else None.
+
+    Each update is judged against the median of the *other* updates' distances from the
+    global model (leave-one-out), so one huge update cannot drag the yardstick up, and the
+    rule still works with two sites. It needs at least one other update with a non-zero
+    distance; `factor <= 0` turns the rule off.
+    """
+    out: list[float | None] = []
+    for i, dist in enumerate(distances):
+        others = [d for j, d in enumerate(distances) if j != i]
+        if factor <= 0 or not others:
+            out.append(None)
+            continue
+        median = float(np.median(others))
+        out.append(median if median > 0 and dist > factor * median else None)
+    return out

@@ -8,20 +8,25 @@ the same federation with `build_server_app(cfg)` because Flower's in-process
 from __future__ import annotations
 
 import logging
-import time
+import math
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid, ServerApp
 
 from client.train import build_model
 from common.config import RunConfig
 from common.finetune import shared_keys
-from common.records import ARRAYS, payload_bytes, to_array_record, to_numpy
+from common.finetune import site_bn_stat_keys
+from common.records import ARRAYS, FEDERATION_ID, payload_bytes, to_array_record, to_numpy
 from server.aggregate import spec_of
+from server.checkpoint import Checkpointer, checkpoint_path
+from server.global_model import restore_registry, save_global_model
 from server.reference import exchange_reference, needed
 from server.report import build_report, write_report
+from server.rounds import run_rounds
 from server.shift_report import harmonization_section
 from server.shift_tracking import FedRadShift
 from server.strategy import SiteLog
@@ -39,8 +44,12 @@ def log_round(server_round: int, sites: dict[str, SiteLog]) -> None:
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
-    """Run `cfg.num_server_rounds` rounds of FedRad and write the report to `cfg.out_dir`."""
-    start = time.perf_counter()
+    """Run `cfg.num_server_rounds` rounds of FedRad and write the report to `cfg.out_dir`.
+
+    After every round the state is checkpointed under `cfg.out_dir`; a coordinator started
+    again on the same out-dir and experiment goes on after the last finished round.
+    """
+    checkpoints = Checkpointer(checkpoint_path(cfg.out_dir), cfg.to_run_config())  # also starts the clock
     exchange = exchange_reference(grid, cfg) if needed(cfg) else None  # intensity reference, round-0 shift
     cfg = exchange.cfg if exchange is not None else cfg  # with spacing-mm = 0 the chosen spacing
     model = build_model(cfg)
@@ -48,15 +57,30 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     keys = shared_keys(model, cfg.bn_mode)
     initial = to_array_record(state, keys)
     full_model_bytes = payload_bytes(RecordDict({ARRAYS: to_array_record(state, list(state))}))
+    bn_expected = spec_of(to_numpy(to_array_record(state, site_bn_stat_keys(model))))  # what sites report
     strategy = FedRadShift(broadcast=exchange.broadcast() if exchange is not None else None,
-                           expected=spec_of(to_numpy(initial)), min_sites=cfg.min_sites, on_round=log_round)
-    run_config = ConfigRecord(cfg.to_run_config())
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds,
-                   timeout=cfg.round_timeout, train_config=run_config, evaluate_config=ConfigRecord(run_config))
-    report = build_report(cfg, strategy.sites, wall_seconds=time.perf_counter() - start,
+                           expected=spec_of(to_numpy(initial)), min_sites=cfg.min_sites,
+                           norm_outlier_factor=cfg.norm_outlier_factor, on_round=log_round, bn_expected=bn_expected)
+    arrays = checkpoints.restore(strategy, initial)
+    restore_registry(strategy.bn_registry, Path(cfg.out_dir), checkpoints.done)
+    run_config = ConfigRecord({**cfg.to_run_config(), FEDERATION_ID: checkpoints.federation_id})
+    strategy.summary()
+
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> None:
+        checkpoints.save(server_round, arrays, strategy)
+        save_global_model(Path(cfg.out_dir), server_round=server_round, shared=to_numpy(arrays),
+                          registry=strategy.bn_registry, config=cfg.to_run_config())
+
+    run_rounds(grid, strategy, arrays, first=checkpoints.done + 1, last=cfg.num_server_rounds,
+               timeout=cfg.round_timeout, train_config=run_config, evaluate_config=ConfigRecord(run_config),
+               on_round_end=end_of_round)
+    report = build_report(cfg, strategy.sites, wall_seconds=checkpoints.wall_seconds(),
                           full_model_bytes=full_model_bytes,
-                          shared_payload_bytes=sum(a.nbytes for a in to_numpy(initial).values()),
+                          shared_payload_bytes=sum(a.nbytes for a in to_numpy(initial).values())
+                          + sum(math.prod(s.shape) * s.dtype.itemsize for s in bn_expected.values()),
                           rejected=strategy.rejected, failed=strategy.failed)
+    report["round_seconds"] = {str(r): s for r, s in sorted(checkpoints.round_seconds.items())}
+    report["bn_registry"] = strategy.bn_registry.summary()  # per site: round, image count (stats: global.npz)
     if exchange is not None:
         report["harmonization"] = harmonization_section(exchange, strategy.shift)
         exchange.save(Path(cfg.out_dir))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
+from server.label_shift import load_truth, markdown_section, site_fields, training_prior
 from server.shift_report import harmonization_markdown
 from server.strategy import SiteLog
 
@@ -20,7 +21,7 @@ def _clean(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
 
 
-def site_row(site: SiteLog) -> dict[str, Any]:
+def site_row(site: SiteLog, truth: dict[str, Any] | None = None) -> dict[str, Any]:
     last_eval = site.evaluate[max(site.evaluate)] if site.evaluate else {}
     last_train = site.train[max(site.train)] if site.train else {}
     sent = list(site.bytes_sent.values())
@@ -37,11 +38,14 @@ def site_row(site: SiteLog) -> dict[str, Any]:
         "history": [{"round": r, "auc": _clean(m.get("auc", math.nan)), "ece": _clean(m.get("ece", math.nan)),
                      "train_loss": _clean(site.train.get(r, {}).get("train-loss", math.nan))}
                     for r, m in sorted(site.evaluate.items())],
+        **site_fields(site.name, last_eval, truth),
     }
 
 
 def build_report(cfg: RunConfig, sites: dict[str, SiteLog], *, wall_seconds: float, full_model_bytes: int,
                  shared_payload_bytes: int, rejected: list, failed: list) -> dict[str, Any]:
+    truth = load_truth(cfg.data_dir)
+    prior = training_prior(s.train[max(s.train)] for s in sites.values() if s.train)
     return {
         "strategy": f"{cfg.bn_mode}, freeze-blocks={cfg.freeze_blocks}",
         "rounds": cfg.num_server_rounds,
@@ -49,7 +53,8 @@ def build_report(cfg: RunConfig, sites: dict[str, SiteLog], *, wall_seconds: flo
         "full_model_bytes": full_model_bytes,
         "shared_payload_bytes": shared_payload_bytes,
         "config": cfg.to_run_config(),
-        "sites": [site_row(sites[name]) for name in sorted(sites)],
+        "sites": [site_row(sites[name], truth.get(name)) for name in sorted(sites)],
+        "prior_train": None if prior is None else float(prior[1]),  # P(malignant) the federation trained on
         "rejected_updates": [{"round": r, "site": s, "reason": why} for r, s, why in rejected],
         "failed_replies": [{"round": r, "site": s, "reason": why} for r, s, why in failed],
     }
@@ -75,6 +80,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     for title, key in (("Rejected updates", "rejected_updates"), ("Failed replies", "failed_replies")):
         if report[key]:
             lines += ["", f"## {title}", ""] + [f"- round {e['round']}, {e['site']}: {e['reason']}" for e in report[key]]
+    lines += markdown_section(report)
     if "harmonization" in report:
         lines += [""] + harmonization_markdown(report["harmonization"])
     lines += ["", "![AUC per round](report.png)", ""]

@@ -16,16 +16,19 @@ from common.config import RunConfig
 from common.sites import discover_sites
 
 
-def simulate(cfg: RunConfig, *, num_cpus: int | None = None, cpus_per_site: float = 1.0) -> dict[str, Any]:
+def simulate(cfg: RunConfig, *, num_cpus: int | None = None, cpus_per_site: float = 1.0,
+             resume: bool = False) -> dict[str, Any]:
     """Run the federation on the site folders under `cfg.data_dir`; return the report dict.
 
     `num_cpus` caps what Ray may use (default: all cores); each site gets `cpus_per_site`,
-    so `num_cpus / cpus_per_site` sites train at the same time.
+    so `num_cpus / cpus_per_site` sites train at the same time. A simulation starts from
+    round 1 unless `resume` asks to go on from the checkpoint in `cfg.out_dir`.
     """
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
     from server.app import build_server_app
+    from server.checkpoint import checkpoint_path
 
     sites = discover_sites(Path(cfg.data_dir))
     num_cpus = num_cpus or os.cpu_count() or 1
@@ -33,6 +36,8 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, cpus_per_site: floa
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(cpus_per_site))))
     report_path = Path(cfg.out_dir) / "report.json"
     report_path.unlink(missing_ok=True)  # a stale report must not pass for this run's
+    if not resume:
+        checkpoint_path(cfg.out_dir).unlink(missing_ok=True)
     start = time.perf_counter()
     run_simulation(
         server_app=build_server_app(cfg),

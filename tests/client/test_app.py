@@ -7,7 +7,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 import client.app as site_app
 from client.train import build_model
 from common.config import RunConfig
-from common.finetune import shared_keys
+from common.finetune import shared_keys, site_bn_stat_keys
 from common.records import ARRAYS, to_array_record
 from common.synth import SiteSpec, generate
 
@@ -37,11 +37,16 @@ def test_train_reply_holds_only_shared_weights_and_scalars(tiny_site, tmp_path):
     msg = message(cfg, "train")
     out = site_app.train(msg, context)
     content = out.content
-    assert set(content.keys()) == {"arrays", "metrics", "site"}
+    assert set(content.keys()) == {"arrays", "metrics", "site", "bn-stats"}
     sent = {k: tuple(a.shape) for k, a in content["arrays"].items()}
     assert sent == {k: tuple(a.shape) for k, a in msg.content["arrays"].items()}
+    # BN statistics: running mean/var of the trained BN layers, one value per channel, with their image count
+    bn_sent = {k: tuple(a.shape) for k, a in content["bn-stats"].items()}
+    assert list(bn_sent) == site_bn_stat_keys(build_model(cfg))
+    assert all(len(shape) == 1 and k.endswith(("running_mean", "running_var")) for k, shape in bn_sent.items())
+    assert content["metrics"]["bn-samples"] == content["metrics"]["n-train"]
     n_images = 16
-    for shape in sent.values():  # no pixel or per-image array: nothing shaped by the image count or size
+    for shape in [*sent.values(), *bn_sent.values()]:  # no pixel or per-image array: nothing shaped by the image count or size
         assert n_images not in shape[:1] and cfg.image_size not in shape
     for value in content["metrics"].values():
         assert isinstance(value, (int, float))
@@ -71,3 +76,28 @@ def test_a_site_without_data_says_how_to_fix_it(tmp_path):
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match="--node-config"):
         site_app.train(message(cfg, "train"), context)
+
+
+def test_last_round_evaluation_reports_label_shift_aggregates_only(tiny_site, tmp_path):
+    cfg = RunConfig(num_server_rounds=1, fov_mm=32.0, out_dir=str(tmp_path))
+    context = Context(run_id=1, node_id=1, node_config={"data-dir": str(tiny_site), "work-dir": str(tmp_path / "w")},
+                      state=RecordDict(), run_config={})
+    msg = message(cfg, "evaluate")
+    msg.content["label-shift"] = ConfigRecord({"prior-train-0": 0.6, "prior-train-1": 0.4})
+    out = site_app.evaluate_(msg, context)  # passed the egress whitelist
+    metrics = out.content["metrics"]
+    assert {"ece-uncorrected", "ece-corrected", "brier-uncorrected", "brier-corrected",
+            "label-shift-flags"} <= set(metrics.keys())
+    assert all(np.isfinite(v) for k, v in metrics.items() if k != "auc")
+    # 16 patients: too few labelled test images to calibrate -> no correction, said so in the site's own record
+    assert metrics["ece-corrected"] == metrics["ece-uncorrected"]
+    record = (tmp_path / "w" / "label-shift.json").read_text()
+    assert "site tiny: too few labelled test images to calibrate" in record
+
+
+def test_train_reply_reports_class_counts(tiny_site, tmp_path):
+    cfg = RunConfig(local_epochs=1, batch_size=8, fov_mm=32.0, out_dir=str(tmp_path))
+    context = Context(run_id=1, node_id=1, node_config={"data-dir": str(tiny_site), "work-dir": str(tmp_path / "w")},
+                      state=RecordDict(), run_config={})
+    metrics = site_app.train(message(cfg, "train"), context).content["metrics"]
+    assert metrics["n-class-0"] + metrics["n-class-1"] == metrics["n-train"] and metrics["n-class-1"] > 0

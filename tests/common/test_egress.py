@@ -38,3 +38,15 @@ def test_a_proper_reply_passes():
 def test_anything_per_image_is_refused(bad, match):
     with pytest.raises(EgressError, match=f"site site-a: .*{match}"):
         check_egress(reply(**bad), POLICY, site="site-a")
+
+
+def test_label_shift_aggregates_pass_only_as_scalars():
+    from common.records import EVAL_METRICS, LABEL_SHIFT_METRICS
+
+    policy = EgressPolicy.build({}, EVAL_METRICS)
+    scalars = {"num-examples": 50, **{key: 0.5 for key in LABEL_SHIFT_METRICS}}
+    content = RecordDict({"metrics": MetricRecord(scalars), "site": ConfigRecord({"name": "site-b"})})
+    check_egress(describe(content), policy, site="site-b")
+    content["metrics"] = MetricRecord({"num-examples": 50, "prior-em": [0.2, 0.8]})
+    with pytest.raises(EgressError, match="site site-b: metric 'prior-em' must be a scalar"):
+        check_egress(describe(content), policy, site="site-b")

@@ -143,12 +143,30 @@ def test_label_threshold_flips_borderline_cases() -> None:
 
 def test_default_sites_differ_and_have_five_test_cases_per_class() -> None:
     sites = default_sites()
-    assert len(sites) == 4 and all(s.n_patients >= 50 for s in sites)
-    assert len({s.spacing_mm for s in sites}) == 4 and {s.kernel for s in sites} == {"smooth", "sharp"}
-    assert len({s.hu_offset for s in sites}) == 4 and len({s.prevalence for s in sites}) == 4
+    assert len(sites) == 5 and all(s.n_patients >= 50 for s in sites)
+    assert len({s.spacing_mm for s in sites}) == 5 and {s.kernel for s in sites} == {"smooth", "sharp"}
+    assert len({s.hu_offset for s in sites}) == 5 and len({s.prevalence for s in sites}) == 5
+    assert [s.name for s in sites if s.label_threshold != 0] == ["site-e"]  # the concept-shift site
     for s in sites:
         label, _, is_test, _ = _assign_labels(s, np.random.default_rng(0))
         assert all(np.sum(is_test & (label == c)) >= 5 for c in (0, 1)), s.name
+
+
+def test_default_label_shift_sites_have_hundreds_of_unlabelled_and_test_images() -> None:
+    for s in default_sites():
+        _, _, is_test, unlabelled = _assign_labels(s, np.random.default_rng(0))
+        if s.unlabelled_fraction:
+            assert unlabelled.sum() >= 300 and is_test.sum() >= 300, s.name
+
+
+def test_truth_records_the_prior_of_the_unlabelled_images(tmp_path: Path) -> None:
+    spec = SiteSpec("u", 40, 0.5, 0.8, 5.0, "smooth", 0.0, "GE", unlabelled_fraction=0.5)
+    generate(tmp_path, sites=[spec, TINY[0]], seed=3, image_size=64)
+    truth = json.loads((tmp_path / "truth.json").read_text())["sites"]
+    with open(tmp_path / "u" / "labels.csv", newline="") as fh:
+        n_unlabelled = sum(1 for row in csv.DictReader(fh) if row["label"] == "")
+    assert truth[0]["n_unlabelled"] == n_unlabelled > 0 and 0 <= truth[0]["prior_unlabelled_true"] <= 1
+    assert truth[1]["prior_unlabelled_true"] is None  # no unlabelled rows
 
 
 def test_determinism(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from server.aggregate import UpdateRejected, spec_of, validate_update, weighted_average
+from server.aggregate import (UpdateRejected, norm_outliers, spec_of, update_distance, validate_update,
+                              weighted_average)
 
 
 def test_weighted_average_is_sample_weighted():
@@ -51,3 +52,13 @@ def test_bad_example_counts_are_rejected(n):
 
 def test_good_update_passes():
     validate_update("s", good(), 5, EXPECTED)
+
+
+def test_norm_outliers_judge_each_update_against_the_others_median():
+    ref = {"w": np.zeros(4, np.float32)}
+    assert update_distance({"w": np.array([3, 4, 0, 0], np.float32)}, ref) == pytest.approx(5.0)
+    assert norm_outliers([1.0, 1.2, 0.9, 1000.0], 10.0) == [None, None, None, 1.0]
+    assert norm_outliers([1.0, 1000.0], 10.0) == [None, 1.0]  # works with two sites
+    assert norm_outliers([1.0, 50.0], 0.0) == [None, None]  # factor 0 = off
+    assert norm_outliers([5.0], 10.0) == [None]  # nobody to compare with
+    assert norm_outliers([0.0, 0.0, 3.0], 10.0) == [None, None, None]  # a zero yardstick judges nobody

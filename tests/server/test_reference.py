@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from common.config import RunConfig
 from common.harmonize import N_BINS, intensity_histogram, pool_histograms
 from common.records import from_numpy
-from common.shift import Moments, moments, shift_scores
+from common.feature_shift import Moments, moments, shift_scores
 from server.aggregate import spec_of
 from server.reference import choose_spacing, exchange_reference, needed
 from server.shift_tracking import FedRadShift

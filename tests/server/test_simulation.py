@@ -38,3 +38,12 @@ def test_two_round_simulation_writes_a_valid_report(tmp_path):
     assert (tmp_path / "out" / "report.png").stat().st_size > 1000
     # each site kept its own summary on its own disk
     assert (tmp_path / "out" / "sites" / "h0" / "site-summary.json").is_file()
+    # label shift, last round: the figures are there; 6-7 test images are too few to calibrate, and the
+    # report says so by site name while the posteriors stay uncorrected
+    assert 0.0 < report["prior_train"] < 1.0
+    for site in report["sites"]:
+        assert site["prior_true"] == 0.5 and site["ece_corrected"] == site["ece_uncorrected"]
+        assert site["label_shift_warnings"] and site["label_shift_warnings"][0].startswith(f"site {site['name']}: ")
+        assert site["auc_personalised"] is None or 0.0 <= site["auc_personalised"] <= 1.0
+    assert (tmp_path / "out" / "sites" / "h0" / "label-shift.json").is_file()
+    assert "## Label shift and concept shift" in (tmp_path / "out" / "report.md").read_text()

@@ -74,3 +74,35 @@ def test_evaluate_keeps_per_site_metrics_and_weighted_means():
     assert out["auc"] == pytest.approx((10 * 0.9 + 30 * 0.7) / 40)
     assert s.sites["a"].evaluate[3]["auc"] == pytest.approx(0.9)
     assert seen == [(3, ["a", "b"])]
+
+
+def test_a_scaled_update_is_rejected_by_the_norm_rule_with_the_site_name():
+    s = FedRad(expected=spec_of(SHARED), min_sites=2, norm_outlier_factor=10.0)
+    s.reference = {k: v.copy() for k, v in SHARED.items()}  # the global model the round started from
+    arrays, metrics = s.aggregate_train(1, [train_reply("a", 1.0, 10), train_reply("b", 2.0, 10),
+                                            train_reply("evil", 1000.0, 10)])
+    np.testing.assert_allclose(to_numpy(arrays)["_fc.weight"], np.full((2, 3), 1.5))
+    assert metrics["sites"] == 2
+    assert [(r, site) for r, site, _ in s.rejected] == [(1, "evil")]
+    assert "norm-outlier-factor" in s.rejected[0][2] and "site evil" in s.rejected[0][2]
+    assert "evil" not in s.sites
+
+
+def test_the_norm_rule_is_off_without_a_reference_or_with_factor_zero():
+    s = FedRad(expected=spec_of(SHARED), min_sites=2, norm_outlier_factor=0.0)
+    s.reference = {k: v.copy() for k, v in SHARED.items()}
+    s.aggregate_train(1, [train_reply("a", 1.0, 10), train_reply("b", 1000.0, 10)])
+    assert s.rejected == []
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"_fc.weight": np.zeros((3, 2), np.float32)}, "has shape"),
+    ({"_fc.weight": np.zeros((2, 3), np.float64)}, "has dtype"),
+])
+def test_wrong_shape_or_dtype_is_rejected(bad, match):
+    s = strategy()
+    evil = train_reply("evil", 1.0, 10)
+    evil.content["arrays"] = from_numpy({**to_numpy(evil.content["arrays"]), **bad})
+    arrays, _ = s.aggregate_train(1, [train_reply("a", 1.0, 10), train_reply("b", 3.0, 10), evil])
+    np.testing.assert_allclose(to_numpy(arrays)["_fc.weight"], np.full((2, 3), 2.0))
+    assert s.rejected[0][1] == "evil" and match in s.rejected[0][2]

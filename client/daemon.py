@@ -1,0 +1,56 @@
+"""`fedrad site`: one hospital's long-running site daemon (a Flower SuperNode) from its bundle.
+
+The bundle (`fedrad provision` made it; see `server.provision`) gives the CA certificate to
+trust, the site's private node key and its name. This module checks what a SuperNode
+would only discover later (a world-readable key, a data folder without labels.csv), then
+builds the `flower-supernode` command line: TLS against our CA, node authentication with
+the site key, and node config `site-name`, `data-dir`, `work-dir` for the ClientApp.
+Runtime dependency installation stays off (Flower's SuperNode default).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from common.bundle import SiteBundle
+from common.flower_tools import flower_binary, flower_env, toml_literal
+
+
+def supernode_command(bundle: SiteBundle, data_dir: Path, work_dir: Path, *, superlink: str | None = None,
+                      site: str | None = None, port: int = 9094, max_retries: int | None = None) -> list[str]:
+    """The `flower-supernode` command line of one site."""
+    bundle.check()
+    env = bundle.env()
+    site = site or env.get("FEDRAD_SITE")
+    superlink = superlink or env.get("FEDRAD_SUPERLINK")
+    if not site:
+        raise ValueError(f"No site name: {bundle.root / 'site.env'} has no FEDRAD_SITE; give --site NAME.")
+    if not superlink:
+        raise ValueError(f"No coordinator address: {bundle.root / 'site.env'} has no FEDRAD_SUPERLINK; "
+                         "give --superlink HOST:PORT.")
+    data_dir, work_dir = data_dir.resolve(), work_dir.resolve()
+    if not (data_dir / "labels.csv").is_file():
+        raise FileNotFoundError(f"{data_dir / 'labels.csv'} not found: --data must be this site's folder (DICOM "
+                                "files + labels.csv with columns image,label,split).")
+    node_config = " ".join([toml_literal("site-name", site), toml_literal("data-dir", str(data_dir)),
+                            toml_literal("work-dir", str(work_dir))])
+    argv = [flower_binary("flower-supernode"), "--superlink", superlink,
+            "--root-certificates", str(bundle.ca_cert.resolve()),
+            "--auth-supernode-private-key", str(bundle.node_key.resolve()),
+            "--node-config", node_config, "--port", str(port)]
+    if max_retries is not None:
+        argv += ["--max-retries", str(max_retries)]
+    return argv
+
+
+def daemon_env(work_dir: Path, threads: int | None = None) -> dict[str, str]:
+    """The SuperNode's environment: Flower home under the work folder (unless set), optional CPU thread cap.
+
+    `threads` caps PyTorch's threads in every ClientApp process (OMP_NUM_THREADS); useful
+    when several sites share one machine, as in the local demo.
+    """
+    extra = {} if "FLWR_HOME" in os.environ else {"FLWR_HOME": str((work_dir / "flwr").resolve())}
+    if threads is not None:
+        extra["OMP_NUM_THREADS"] = str(threads)
+    return flower_env(extra)

@@ -1,0 +1,174 @@
+"""The deployment subcommands of `fedrad`: provision, coordinator, register, site, submit.
+
+    fedrad provision --certs certs --name coord.example.org --site hospital-a --site hospital-b
+    fedrad coordinator --certs certs --state /var/lib/fedrad --host 0.0.0.0
+    fedrad register --certs certs
+    fedrad site --bundle certs/sites/hospital-a --data /srv/data --work /var/lib/fedrad-site
+    fedrad submit --certs certs --out /var/lib/fedrad/runs/exp1 --rounds 10
+
+Each parses its flags and calls one function of `server.provision`, `server.coordinator`
+or `client.daemon`; the daemons replace this process by Flower's own program (exec), so
+systemd and containers signal Flower directly. deploy/README.md is the operator's guide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+from pathlib import Path
+
+log = logging.getLogger("fedrad")
+FMT = argparse.RawDescriptionHelpFormatter
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from server.provision import provision
+
+    result = provision(args.certs, sites=args.site, names=args.name, port=args.port, rotate=args.rotate,
+                       renew_coordinator=args.renew_coordinator, force=args.force)
+    for item, action in result.actions:
+        print(f"{action:>10}  {item}")
+    print(f"\nCoordinator files: {args.certs / 'coordinator'} · site bundles: {args.certs / 'sites'}/<site> "
+          f"(hand each to its site only) · keep {args.certs / 'ca' / 'ca.key'} offline.")
+    if any(a == "rotated" for _, a in result.actions):
+        print("A key was rotated: run `fedrad register` so the coordinator admits the new key and drops the old one.")
+    return 0
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from common.flower_tools import exec_flower, show
+    from server.coordinator import daemon_env, superlink_command
+    from server.provision import CertsLayout
+
+    argv = superlink_command(CertsLayout(args.certs), args.state, host=args.host, port=args.port)
+    if args.dry_run:
+        print(show(argv))
+        return 0
+    args.state.mkdir(parents=True, exist_ok=True)
+    log.info("starting the coordinator (SuperLink, TLS + node authentication) on %s:%d", args.host, args.port)
+    exec_flower(argv, daemon_env(args.state))
+    return 0  # not reached
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from server.coordinator import register_sites, write_connection
+    from server.provision import CertsLayout
+
+    layout = CertsLayout(args.certs)
+    write_connection(args.superlink, layout.coordinator_ca)
+    for reg in register_sites(layout, args.site):
+        print(f"{reg.site}: {reg.action}" + (f" (node {reg.node_id})" if reg.node_id is not None else ""))
+    return 0
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    from client.daemon import daemon_env, supernode_command
+    from common.bundle import SiteBundle
+    from common.flower_tools import exec_flower, show
+
+    argv = supernode_command(SiteBundle(args.bundle), args.data, args.work, superlink=args.superlink, site=args.site,
+                             port=args.port, max_retries=args.max_retries)
+    if args.dry_run:
+        print(show(argv))
+        return 0
+    args.work.mkdir(parents=True, exist_ok=True)
+    log.info("starting the site daemon (SuperNode) for %s", args.data)
+    exec_flower(argv, daemon_env(args.work, args.threads))
+    return 0  # not reached
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from common.flower_tools import flower_env, show
+    from server.coordinator import submit_command, write_connection
+    from server.provision import CertsLayout
+
+    write_connection(args.superlink, CertsLayout(args.certs).coordinator_ca)
+    argv = submit_command(args.out, overrides=args.run_config, rounds=args.rounds, stream=args.stream,
+                          **({"app_dir": args.app} if args.app is not None else {}))
+    log.info("submitting: %s", show(argv))
+    return subprocess.run(argv, env=flower_env(), check=False).returncode
+
+
+def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
+    """Add provision / coordinator / register / site / submit to the `fedrad` parser."""
+    p = sub.add_parser("provision", formatter_class=FMT,
+                       help="make the federation's CA, the coordinator's TLS certificate and one key bundle per site",
+                       description="Create (or extend) a certificate folder: a private CA, the coordinator's TLS "
+                                   "certificate with the names sites dial, and per site an EC P-384 node key "
+                                   "(OpenSSH format) in a bundle for that site alone. Private keys are 0600. "
+                                   "Existing keys are kept; only --rotate/--renew-coordinator/--force replace any.",
+                       epilog="examples:\n"
+                              "  fedrad provision --certs certs --name coord.example.org --site hospital-a "
+                              "--site hospital-b\n"
+                              "  fedrad provision --certs certs --site hospital-c        # add a site\n"
+                              "  fedrad provision --certs certs --rotate hospital-a      # new key for one site")
+    p.add_argument("--certs", type=Path, required=True, help="the certificate folder (created if absent)")
+    p.add_argument("--site", action="append", default=[], metavar="NAME", help="a site to provision (repeatable)")
+    p.add_argument("--name", action="append", default=[], metavar="HOST",
+                   help="a DNS name or IP the sites use to reach the coordinator (repeatable; localhost and "
+                        "127.0.0.1 are always included)")
+    p.add_argument("--port", type=int, default=8000, help="coordinator port written into the bundles (default 8000)")
+    p.add_argument("--rotate", action="append", default=[], metavar="SITE", help="replace this site's key pair")
+    p.add_argument("--renew-coordinator", action="store_true", help="re-issue the coordinator's TLS certificate")
+    p.add_argument("--force", action="store_true", help="start over: a new CA, certificate and every site key")
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("coordinator", formatter_class=FMT, help="run the coordinator (Flower SuperLink with TLS and "
+                                                                "node authentication)",
+                       description="Start flower-superlink with the provisioned TLS certificate, node authentication "
+                                   "on, runtime dependency installation off and its state (registered sites, runs) "
+                                   "in STATE/superlink.db. Runs in the foreground until stopped.",
+                       epilog="example:\n  fedrad coordinator --certs certs --state /var/lib/fedrad --host 0.0.0.0")
+    p.add_argument("--certs", type=Path, required=True, help="the folder `fedrad provision` made")
+    p.add_argument("--state", type=Path, required=True, help="state folder (SuperLink database, Flower home)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for remote sites)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--dry-run", action="store_true", help="print the flower-superlink command instead of running it")
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("register", formatter_class=FMT, help="admit the provisioned sites' keys at the coordinator",
+                       description="Register every site's public key (CERTS/site-keys/*.pub) with the running "
+                                   "coordinator via `flwr supernode register`. Idempotent; a rotated key replaces "
+                                   "the site's old registration. Writes the `fedrad` connection to "
+                                   "$FLWR_HOME/config.toml.",
+                       epilog="examples:\n  fedrad register --certs certs\n"
+                              "  fedrad register --certs certs --site hospital-c --superlink 127.0.0.1:8000")
+    p.add_argument("--certs", type=Path, required=True, help="the folder `fedrad provision` made")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help="the coordinator's address (default 127.0.0.1:8000)")
+    p.add_argument("--site", action="append", default=[], metavar="NAME", help="only these sites (default: all)")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("site", formatter_class=FMT, help="run a hospital's site daemon (Flower SuperNode)",
+                       description="Start flower-supernode from the site's bundle: TLS trusting the federation CA, "
+                                   "node authentication with the site key, the site's data folder and work folder "
+                                   "for the ClientApp. Runs in the foreground and reconnects until stopped.",
+                       epilog="example:\n  fedrad site --bundle /etc/fedrad/bundle --data /srv/fedrad/data "
+                              "--work /var/lib/fedrad-site")
+    p.add_argument("--bundle", type=Path, required=True, help="this site's bundle folder (from `fedrad provision`)")
+    p.add_argument("--data", type=Path, required=True, help="the site folder: DICOM files + labels.csv")
+    p.add_argument("--work", type=Path, required=True, help="the site's own state folder (BN per round, summaries)")
+    p.add_argument("--superlink", default=None, help="coordinator HOST:PORT (default: FEDRAD_SUPERLINK in site.env)")
+    p.add_argument("--site", default=None, help="site name (default: FEDRAD_SITE in site.env)")
+    p.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's own API (unique per host)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per training process (default: all)")
+    p.add_argument("--max-retries", type=int, default=None, help="give up after this many failed connection tries "
+                                                                 "(default: retry forever)")
+    p.add_argument("--dry-run", action="store_true", help="print the flower-supernode command instead of running it")
+    p.set_defaults(func=cmd_site)
+
+    p = sub.add_parser("submit", formatter_class=FMT, help="start a training run on the deployed federation",
+                       description="`flwr run` of this project on the coordinator. OUT (a path on the coordinator) "
+                                   "receives the report and a checkpoint after every round; submitting again with "
+                                   "the same OUT and run config resumes after the last finished round.",
+                       epilog="examples:\n  fedrad submit --certs certs --out /var/lib/fedrad/runs/exp1 --rounds 10\n"
+                              "  fedrad submit --certs certs --out runs/lp --run-config \"freeze-blocks=17\" --stream")
+    p.add_argument("--certs", type=Path, required=True, help="the folder `fedrad provision` made (for the CA)")
+    p.add_argument("--out", type=Path, required=True, help="the run's report and checkpoint folder, on the coordinator")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help="the coordinator's address (default 127.0.0.1:8000)")
+    p.add_argument("--rounds", type=int, default=None, help="number of rounds (run-config num-server-rounds)")
+    p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
+                   help="override [tool.flwr.app.config] keys")
+    p.add_argument("--stream", action="store_true", help="stay attached and stream the run's log until it ends")
+    p.add_argument("--app", type=Path, default=None, help="the Flower app folder to run (default: this fedrad project)")
+    p.set_defaults(func=cmd_submit)

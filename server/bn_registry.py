@@ -1,0 +1,144 @@
+"""The coordinator's per-site BatchNorm registry and the pooled statistics it implies.
+
+Every round each site reports, for every BN layer it adapts, the per-channel running mean
+and variance over its training images plus the image count (aggregates only). The registry
+keeps the latest report per site (with its round and count), and pools them per layer:
+
+    N      = sum_i n_i
+    mean   = sum_i n_i mu_i / N                                  (count-weighted mean)
+    var    = sum_i n_i (sigma_i^2 + (mu_i - mean)^2) / N          (law of total variance)
+
+The second term is why an average of variances is wrong: sites whose scanners shift the
+activations (different means) make the pooled population wider than any single site.
+Every image has the same size after preprocessing, so images are the right weights (each
+image contributes the same number of pixels per channel). Site variances are treated as
+population (ddof 0) variances; BN's own unbiased m/(m-1) factor, with m = batch x H x W in
+the thousands, is below the float32 noise.
+
+The pooled statistics are what a site never seen in training normalises with
+(`client.unseen`), the alternative being AdaBN on its own images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+MEAN, VAR = "running_mean", "running_var"
+
+
+@dataclass(frozen=True)
+class SiteBNStats:
+    """One site's latest BN report: per-layer statistics, the round they came from, the image count."""
+
+    site: str
+    server_round: int
+    count: int
+    stats: Mapping[str, np.ndarray]  # "<layer>.running_mean" / "<layer>.running_var" -> (C,)
+
+
+def pool_moments(means: Sequence[np.ndarray], variances: Sequence[np.ndarray],
+                 counts: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of the union of groups, from each group's mean, variance and size.
+
+    Exact (up to rounding) for population variances: equals np.mean / np.var of the
+    concatenated data. Accumulates in float64.
+    """
+    if not means or len(means) != len(variances) or len(means) != len(counts):
+        raise ValueError(f"pool_moments needs as many means, variances and counts (>= 1); got "
+                         f"{len(means)}, {len(variances)}, {len(counts)}.")
+    n = np.asarray(counts, dtype=np.float64)
+    if not (n > 0).all():
+        raise ValueError(f"every group needs a positive count; got {list(counts)}.")
+    w = n / n.sum()
+    mu = np.stack([np.asarray(m, dtype=np.float64) for m in means])
+    var = np.stack([np.asarray(v, dtype=np.float64) for v in variances])
+    shape = (-1,) + (1,) * (mu.ndim - 1)
+    mean = (w.reshape(shape) * mu).sum(axis=0)
+    total = (w.reshape(shape) * (var + (mu - mean) ** 2)).sum(axis=0)
+    return mean, total
+
+
+def layers_of(keys: Sequence[str] | Mapping[str, object]) -> list[str]:
+    """BN layer names from statistic keys ("<layer>.running_mean"), in first-seen order."""
+    layers: list[str] = []
+    for key in keys:
+        layer, _, part = key.rpartition(".")
+        if part not in (MEAN, VAR):
+            raise ValueError(f"BN statistic key {key!r} must end in .{MEAN} or .{VAR}.")
+        if layer not in layers:
+            layers.append(layer)
+    return layers
+
+
+class BNRegistry:
+    """Latest BN statistics per site, and their pooled statistics per layer."""
+
+    def __init__(self) -> None:
+        self.sites: dict[str, SiteBNStats] = {}
+
+    def update(self, site: str, server_round: int, stats: Mapping[str, np.ndarray], count: int) -> None:
+        """Record a site's report; an older round never replaces a newer one.
+
+        Raises ValueError naming the site when a layer lacks its mean or variance, a
+        variance is negative, or the count is not a positive integer.
+        """
+        if isinstance(count, bool) or int(count) != count or count <= 0:
+            raise ValueError(f"site {site}: BN sample count must be a positive integer; got {count!r}.")
+        for layer in layers_of(stats):
+            for part in (MEAN, VAR):
+                if f"{layer}.{part}" not in stats:
+                    raise ValueError(f"site {site}: BN layer {layer} lacks its {part}.")
+            if (np.asarray(stats[f"{layer}.{VAR}"]) < 0).any():
+                raise ValueError(f"site {site}: BN layer {layer} has a negative running_var.")
+        known = self.sites.get(site)
+        if known is not None and known.server_round > server_round:
+            return
+        self.sites[site] = SiteBNStats(site, int(server_round), int(count),
+                                       {k: np.array(v, copy=True) for k, v in stats.items()})
+
+    def pooled(self, sites: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Pooled running_mean / running_var per layer over `sites` (default: all), float32.
+
+        Layers are those every chosen site reported (sites built with the same config
+        report the same layers).
+        """
+        chosen = [self.sites[s] for s in (sorted(self.sites) if sites is None else sites)]
+        if not chosen:
+            return {}
+        layers = [layer for layer in layers_of(chosen[0].stats)
+                  if all(f"{layer}.{MEAN}" in e.stats for e in chosen)]
+        out: dict[str, np.ndarray] = {}
+        for layer in layers:
+            mean, var = pool_moments([e.stats[f"{layer}.{MEAN}"] for e in chosen],
+                                     [e.stats[f"{layer}.{VAR}"] for e in chosen],
+                                     [e.count for e in chosen])
+            out[f"{layer}.{MEAN}"] = mean.astype(np.float32)
+            out[f"{layer}.{VAR}"] = var.astype(np.float32)
+        return out
+
+    def summary(self) -> list[dict[str, object]]:
+        """JSON-ready bookkeeping: site, round, count, number of layers."""
+        return [{"site": e.site, "round": e.server_round, "count": e.count, "layers": len(layers_of(e.stats))}
+                for _, e in sorted(self.sites.items())]
+
+    def shift_scores(self) -> dict[str, float]:
+        """Per site: mean over layers and channels of KL(N(site) || N(pooled)) of the BN statistics.
+
+        A scalar "how far are this site's activations from everyone's" computed from
+        aggregates only; 0 when a site matches the pool. Used to name the most shifted sites.
+        """
+        pooled = self.pooled()
+        scores: dict[str, float] = {}
+        for site, entry in self.sites.items():
+            kls = []
+            for layer in layers_of(pooled):
+                m1 = entry.stats[f"{layer}.{MEAN}"].astype(np.float64)
+                v1 = np.maximum(entry.stats[f"{layer}.{VAR}"].astype(np.float64), 1e-8)
+                m0 = pooled[f"{layer}.{MEAN}"].astype(np.float64)
+                v0 = np.maximum(pooled[f"{layer}.{VAR}"].astype(np.float64), 1e-8)
+                kls.append(float(np.mean(0.5 * (v1 / v0 + (m1 - m0) ** 2 / v0 - 1 + np.log(v0 / v1)))))
+            scores[site] = float(np.mean(kls)) if kls else 0.0
+        return scores

@@ -1,0 +1,86 @@
+"""Baselines without federation: each site alone (`local`), all sites' data in one place (`pooled`).
+
+Simulation only. `pooled` puts every site's images on one machine, which is exactly what
+fedrad exists to avoid; it is the upper bound a federation is measured against. Both reuse
+the site's own training code (`client.train.fit`, fed through `client.features`, so the
+frozen prefix is cached as at a site) on the federation's schedule: `num-server-rounds`
+calls of `fit`, each `local-epochs` epochs with a fresh optimizer, BN re-estimated at the
+end, and the same per-round seeds as a site in a federation. So the only difference to a
+federation is what is averaged: nothing (local) or everything, by training on the union
+(pooled).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.dataset import SiteData
+from client.features import site_inputs
+from client.train import Inputs, build_model, fit, pick_device, predict_proba
+from common.config import RunConfig
+from common.efficientnet_lite import EfficientNetLite0
+from common.metrics import classification_metrics
+
+
+def train_on_schedule(model: EfficientNetLite0, inputs: Inputs, y: np.ndarray, cfg: RunConfig) -> None:
+    """`num-server-rounds` rounds of `fit`, seeded per round exactly as a site in a federation is."""
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        fit(model, inputs, y, cfg, seed=cfg.seed * 10_000 + server_round, device=pick_device(cfg.device))
+
+
+def site_row(data: SiteData, metrics: dict[str, float], bytes_sent: int | None) -> dict[str, Any]:
+    """One site's line in a strategy's results (the fields of compare.json)."""
+    return {"name": data.name, "n_train": int(len(data.y_train)), "n_test": int(len(data.y_test)),
+            "auc": metrics["auc"], "balanced_accuracy": metrics["balanced-accuracy"], "ece": metrics["ece"],
+            "bytes_sent_per_round": bytes_sent}
+
+
+def run_local(sites: Sequence[SiteData], cfg: RunConfig, work: Path) -> dict[str, Any]:
+    """Each site trains its own model on its own data and tests it on its own test split; nothing is sent.
+
+    `work/<site>` holds each site's feature cache, as a site's work folder does.
+    """
+    start = time.perf_counter()
+    device = pick_device(cfg.device)
+    rows = []
+    for data in sites:
+        model = build_model(cfg, device)
+        inputs = site_inputs(model, cfg, data, Path(work) / data.name, device)
+        train_on_schedule(model, inputs.train, data.y_train, cfg)
+        metrics = classification_metrics(data.y_test, predict_proba(model, inputs.test, device=device))
+        rows.append(site_row(data, metrics, 0))
+    return {"sites": rows, "wall_seconds": time.perf_counter() - start}
+
+
+def pool_sites(sites: Sequence[SiteData]) -> SiteData:
+    """All sites' images as one site (arrays and cache keys concatenated in site order)."""
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(d, name) for d in sites])
+
+    return SiteData(name="pooled", x_train=cat("x_train"), y_train=cat("y_train"), x_test=cat("x_test"),
+                    y_test=cat("y_test"), x_unlabelled=cat("x_unlabelled"), spacings_mm=cat("spacings_mm"),
+                    keys_train=sum((d.keys_train for d in sites), ()), keys_test=sum((d.keys_test for d in sites), ()),
+                    keys_unlabelled=sum((d.keys_unlabelled for d in sites), ()))
+
+
+def run_pooled(sites: Sequence[SiteData], cfg: RunConfig, work: Path) -> dict[str, Any]:
+    """One model trained on all sites' training images together, tested on each site's test split.
+
+    BN is re-estimated on the union, so every site is normalised with one set of statistics.
+    `bytes_sent_per_round` is None: the images themselves would have to move.
+    """
+    start = time.perf_counter()
+    device = pick_device(cfg.device)
+    pooled = pool_sites(sites)
+    model = build_model(cfg, device)
+    inputs = site_inputs(model, cfg, pooled, Path(work) / "pooled", device)
+    train_on_schedule(model, inputs.train, pooled.y_train, cfg)
+    p = predict_proba(model, inputs.test, device=device)
+    bounds = np.cumsum([0] + [len(d.y_test) for d in sites])
+    rows = [site_row(d, classification_metrics(d.y_test, p[a:b]), None) for d, a, b in zip(sites, bounds, bounds[1:])]
+    return {"sites": rows, "wall_seconds": time.perf_counter() - start}

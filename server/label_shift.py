@@ -1,0 +1,124 @@
+"""The coordinator's side of label-shift correction: the training prior out, the sites' figures in the report.
+
+The training prior π_train is the class distribution of every image the federation
+trained on, formed from the per-class counts each site reports with its update (counts
+are aggregates; no label travels). It goes to every site with each evaluation, as the
+reference its posteriors and corrections are expressed against.
+
+Per site the report shows what the site measured in the last round (`client.site_shift`):
+the estimated priors, ECE / Brier / balanced accuracy before and after correction, global
+vs personalised AUC and the concept-shift flag, with the site's fallback reasons turned
+into sentences (`common.shift_flags`). In simulation the true prior comes from the
+generator's `truth.json`: P(malignant) among the site's unlabelled images (what its EM
+estimate is measured against), or among all its images when it has none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord
+
+from common.labelshift import prior_from_counts
+from common.records import CLASS_COUNTS
+from common.shift_flags import describe
+
+TRUTH_FILE = "truth.json"
+# report.json key <- site metric key
+REPORT_KEYS = {
+    "prior_em": "prior-em", "prior_bbse": "prior-bbse", "prior_site": "prior-site", "n_unlabelled": "n-unlabelled",
+    "bcts_temperature": "bcts-temperature", "bcts_bias": "bcts-bias",
+    "ece_uncorrected": "ece-uncorrected", "ece_corrected": "ece-corrected",
+    "brier_uncorrected": "brier-uncorrected", "brier_corrected": "brier-corrected",
+    "balanced_accuracy_uncorrected": "balanced-accuracy-uncorrected",
+    "balanced_accuracy_corrected": "balanced-accuracy-corrected",
+    "auc_personalised": "auc-personalised", "disagreement": "disagreement",
+}
+
+
+def training_prior(train_metrics: Iterable[Mapping[str, float]]) -> np.ndarray | None:
+    """π_train from each site's latest reported class counts; None when no site reported any."""
+    rows = [m for m in train_metrics if all(k in m for k in CLASS_COUNTS)]
+    counts = np.sum([[float(m[k]) for k in CLASS_COUNTS] for m in rows], axis=0) if rows else None
+    if counts is None or counts.sum() <= 0:
+        return None
+    return prior_from_counts(counts, smoothing=1.0)
+
+
+def prior_record(prior: np.ndarray) -> ConfigRecord:
+    """What the coordinator sends a site with each evaluation: {"prior-train-<c>": π_train[c]}."""
+    return ConfigRecord({f"prior-train-{c}": float(p) for c, p in enumerate(prior)})
+
+
+def load_truth(data_dir: str) -> dict[str, dict[str, Any]]:
+    """Per-site simulation truth from `<data_dir>/truth.json`, by site name; {} for real data."""
+    path = Path(data_dir) / TRUTH_FILE if data_dir else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return {s["name"]: s for s in json.loads(path.read_text())["sites"]}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def site_fields(name: str, last_eval: Mapping[str, float], truth: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The label-shift keys of one site's row in report.json (null where the site measured nothing)."""
+    truth = truth or {}
+    unlabelled = truth.get("prior_unlabelled_true")
+    fields: dict[str, Any] = {"prior_true": _finite(truth.get("prior_true") if unlabelled is None else unlabelled)}
+    fields.update({key: _finite(last_eval.get(metric)) for key, metric in REPORT_KEYS.items()})
+    concept = last_eval.get("concept-shift")
+    fields["concept_shift"] = None if concept is None else bool(concept)
+    fields["label_shift_warnings"] = describe(int(last_eval.get("label-shift-flags", 0)), name)
+    return fields
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def markdown_section(report: Mapping[str, Any]) -> list[str]:
+    """The report.md section: one row per site, then the concept-shift flags and fallback warnings."""
+    sites = [s for s in report["sites"] if s.get("ece_uncorrected") is not None or s.get("label_shift_warnings")]
+    if not sites:
+        return []
+    prior = report.get("prior_train")
+    lines = ["", "## Label shift and concept shift (last round)", "",
+             f"Training prior P(malignant) = {_fmt(prior)} (from the sites' labelled counts). EM and BBSE estimate "
+             "P(malignant) among a site's unlabelled images (true: simulation truth); the prior used is EM's, or "
+             "the labelled prior where a site has too few unlabelled images. Before → after: the global model's "
+             "posteriors vs calibrated and prior-corrected ones, on the test split (cross-fitted). Balanced "
+             "accuracy at threshold 0.5 may fall after correction at a skewed prior: Bayes decisions maximise "
+             "accuracy, not balanced accuracy.", "",
+             "| site | n unlabelled | prior true | EM | BBSE | prior used | ECE before → after | "
+             "Brier before → after | bal. acc. before → after | AUC global | AUC personalised | disagreement |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in sites:
+        flag = " ⚑" if s.get("concept_shift") else ""
+        lines.append(f"| {s['name']} | {s.get('n_unlabelled') or 0:.0f} | {_fmt(s.get('prior_true'))} | "
+                     f"{_fmt(s.get('prior_em'))} | {_fmt(s.get('prior_bbse'))} | {_fmt(s.get('prior_site'))} | "
+                     f"{_fmt(s.get('ece_uncorrected'))} → {_fmt(s.get('ece_corrected'))} | "
+                     f"{_fmt(s.get('brier_uncorrected'))} → {_fmt(s.get('brier_corrected'))} | "
+                     f"{_fmt(s.get('balanced_accuracy_uncorrected'))} → {_fmt(s.get('balanced_accuracy_corrected'))} | "
+                     f"{_fmt(s.get('auc'))} | {_fmt(s.get('auc_personalised'))} | "
+                     f"{_fmt(s.get('disagreement'))}{flag} |")
+    flagged = [s["name"] for s in sites if s.get("concept_shift")]
+    if flagged:
+        lines += ["", f"⚑ Concept shift suspected at {', '.join(flagged)}: the site's personalised decision layer "
+                  "(fitted on its own labels) disagrees on at least the disagreement-threshold of its test images "
+                  "with the federation's reading of its images (the global model at the prior it infers from "
+                  "them): its labels follow another rule, P(Y|X) differs. Prior correction cannot fix that; the "
+                  "personalised head, kept at the site, can."]
+    warnings = [w for s in sites for w in s.get("label_shift_warnings", [])]
+    if warnings:
+        lines += ["", "Warnings:", ""] + [f"- {w}" for w in warnings]
+    return lines

@@ -1,0 +1,76 @@
+"""The round loop: rounds `first..last` of train + evaluate, with a hook after each round.
+
+Flower's `Strategy.start` always runs rounds 1..N. A coordinator that resumes from a
+checkpoint must run rounds k+1..N under their true numbers (sites seed their shuffling and
+name their BN files by round), and must save its state after every round. This is the same
+loop as `Strategy.start` (configure -> send_and_receive -> aggregate, for training, then
+for evaluation), over the strategy's own methods, with both of those added.
+
+A site that does not answer within `timeout` (lost mid-round, killed, network gone) is
+logged with its name when known and recorded in the strategy's failed replies; the round
+goes on with the replies that came, and the strategy's `min-sites` decides whether they
+are enough to move the global model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from server.strategy import FedRad
+
+log = logging.getLogger("fedrad.coordinator")
+
+
+def _record_lost(strategy: FedRad, server_round: int, node: int, reason: str) -> None:
+    name = strategy.node_names.get(node, f"node-{node}")
+    strategy.failed.append((server_round, name, reason))
+    log.warning("round %d: %s: %s; the round goes on with the others", server_round, name, reason)
+
+
+def _exchange(grid: Grid, strategy: FedRad, messages: list[Message], server_round: int, stage: str,
+              timeout: float) -> list[Message]:
+    """Send, wait up to `timeout`, and record (by site name) the sites that did not reply.
+
+    Two ways a site is lost: no reply before the timeout, or an error reply the SuperLink
+    makes for it once its heartbeats stop (Node Unavailable). Both are recorded here; the
+    strategy sees only what the sites themselves sent.
+    """
+    for node in grid.get_nodes():  # registered names (deployment), so a site lost in its first round is named
+        if getattr(node, "name", ""):
+            strategy.node_names.setdefault(node.node_id, node.name)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
+    answered, kept = set(), []
+    for reply in replies:
+        node = dst_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        answered.add(node)
+        if reply.has_error() and reply.metadata.src_node_id != node:  # the SuperLink answered for the site
+            _record_lost(strategy, server_round, node, f"{stage}: {reply.error.reason}")
+        else:
+            kept.append(reply)
+    for node in sorted(set(dst_of.values()) - answered):
+        _record_lost(strategy, server_round, node, f"no {stage} reply within round-timeout {timeout:g} s")
+    return kept
+
+
+def run_rounds(grid: Grid, strategy: FedRad, arrays: ArrayRecord, *, first: int, last: int, timeout: float,
+               train_config: ConfigRecord, evaluate_config: ConfigRecord,
+               on_round_end: Callable[[int, ArrayRecord], None] | None = None) -> ArrayRecord:
+    """Run rounds first..last (inclusive; none when first > last); return the final global arrays."""
+    for server_round in range(first, last + 1):
+        log.info("round %d of %d: training", server_round, last)
+        sent = list(strategy.configure_train(server_round, arrays, train_config, grid))
+        replies = _exchange(grid, strategy, sent, server_round, "train", timeout)
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        sent = list(strategy.configure_evaluate(server_round, arrays, evaluate_config, grid))
+        replies = _exchange(grid, strategy, sent, server_round, "evaluate", timeout)
+        strategy.aggregate_evaluate(server_round, replies)
+        if on_round_end is not None:
+            on_round_end(server_round, arrays)
+    return arrays

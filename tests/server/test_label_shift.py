@@ -1,0 +1,86 @@
+"""The coordinator's label-shift part: training prior from counts, sent with every evaluation; report rows."""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from common.config import RunConfig
+from common.records import LABEL_SHIFT, from_numpy
+from common.shift_flags import ShiftFlag
+from server.aggregate import spec_of
+from server.label_shift import load_truth, markdown_section, prior_record, site_fields, training_prior
+from server.report import build_report, to_markdown
+from server.strategy import FedRad
+
+pytestmark = pytest.mark.usefixtures("flower_task")
+
+SHARED = {"_fc.bias": np.zeros(2, np.float32)}
+
+
+def test_training_prior_pools_the_sites_counts():
+    prior = training_prior([{"n-class-0": 70, "n-class-1": 30}, {"n-class-0": 10, "n-class-1": 90}, {"auc": 0.9}])
+    assert prior == pytest.approx([81 / 202, 121 / 202])  # add-one smoothed: (80 + 1) / (200 + 2)
+    assert training_prior([{"auc": 0.9}]) is None and training_prior([]) is None
+    assert dict(prior_record(np.array([0.25, 0.75]))) == {"prior-train-0": 0.25, "prior-train-1": 0.75}
+
+
+class FakeGrid:
+    def get_node_ids(self):
+        return [1, 2]
+
+
+def train_reply(site: str, n0: int, n1: int) -> Message:
+    content = RecordDict({"arrays": from_numpy({"_fc.bias": np.ones(2, np.float32)}),
+                          "metrics": MetricRecord({"num-examples": n0 + n1, "train-loss": 0.1, "n-class-0": n0,
+                                                   "n-class-1": n1}),
+                          "site": ConfigRecord({"name": site})})
+    return Message(content=content, dst_node_id=0, message_type="train")
+
+
+def test_every_evaluation_carries_the_training_prior_once_counts_are_known():
+    strategy = FedRad(expected=spec_of(SHARED), min_sites=2)
+    arrays = from_numpy(SHARED)
+    before = list(strategy.configure_evaluate(1, arrays, ConfigRecord({}), FakeGrid()))
+    assert len(before) == 2 and all(LABEL_SHIFT not in m.content for m in before)
+    strategy.aggregate_train(1, [train_reply("a", 30, 10), train_reply("b", 8, 32)])
+    after = list(strategy.configure_evaluate(1, arrays, ConfigRecord({}), FakeGrid()))
+    assert len(after) == 2
+    for msg in after:
+        assert msg.content[LABEL_SHIFT]["prior-train-1"] == pytest.approx(43 / 82)
+
+
+def test_site_fields_take_truth_from_the_simulation_and_name_the_site(tmp_path):
+    (tmp_path / "truth.json").write_text(json.dumps({"sites": [
+        {"name": "site-b", "prior_true": 0.8, "prior_unlabelled_true": 0.78},
+        {"name": "site-c", "prior_true": 0.2, "prior_unlabelled_true": None}]}))
+    truth = load_truth(str(tmp_path))
+    metrics = {"prior-em": 0.77, "ece-uncorrected": 0.1, "ece-corrected": 0.03, "auc-personalised": 0.9,
+               "concept-shift": 1, "label-shift-flags": int(ShiftFlag.EM_FAILED | ShiftFlag.FEW_UNLABELLED)}
+    row = site_fields("site-b", metrics, truth["site-b"])
+    assert row["prior_true"] == 0.78 and row["prior_em"] == 0.77 and row["prior_bbse"] is None
+    assert row["concept_shift"] is True
+    assert row["label_shift_warnings"] == ["site site-b: EM did not converge. No label-shift correction: its "
+                                           "posteriors are the global model's."]
+    assert site_fields("site-c", {}, truth["site-c"])["prior_true"] == 0.2  # no unlabelled images: the site's prior
+    assert load_truth("") == {} and load_truth(str(tmp_path / "absent")) == {}
+
+
+def test_report_has_the_label_shift_keys_and_section(tmp_path):
+    from server.strategy import SiteLog
+
+    site = SiteLog("site-b", train={1: {"n-train": 100, "n-class-0": 20, "n-class-1": 80}},
+                   evaluate={1: {"num-examples": 50, "auc": 0.9, "prior-em": 0.8, "ece-uncorrected": 0.12,
+                                 "ece-corrected": 0.04, "brier-uncorrected": 0.2, "brier-corrected": 0.1,
+                                 "auc-personalised": 0.91, "disagreement": 0.2, "concept-shift": 1}})
+    report = build_report(RunConfig(data_dir=str(tmp_path)), {"site-b": site}, wall_seconds=1.0, full_model_bytes=10,
+                          shared_payload_bytes=5, rejected=[], failed=[])
+    row = report["sites"][0]
+    for key in ("prior_true", "prior_em", "prior_bbse", "ece_uncorrected", "ece_corrected", "brier_uncorrected",
+                "brier_corrected", "auc_personalised"):
+        assert key in row
+    assert report["prior_train"] == pytest.approx(81 / 102)
+    text = to_markdown(report)
+    assert "Concept shift suspected at site-b" in text and "0.120 → 0.040" in text
+    assert markdown_section({"sites": [{"name": "x"}]}) == []  # nothing measured: no section

@@ -1,0 +1,74 @@
+"""The round loop: true round numbers after a resume, lost sites recorded by name, a hook per round."""
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from common.records import from_numpy, to_numpy
+from server.aggregate import spec_of
+from server.rounds import run_rounds
+from server.strategy import FedRad
+
+pytestmark = pytest.mark.usefixtures("flower_task")
+SHARED = {"w": np.zeros(3, np.float32)}
+
+
+class Node:
+    def __init__(self, node_id, name):
+        self.node_id, self.name = node_id, name
+
+
+class FakeGrid:
+    """Nodes 1, 2, 3 (sites a, b, c); node 3 never answers a train message (lost mid-round)."""
+
+    def __init__(self):
+        self.rounds_seen = []
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+    def get_nodes(self):
+        return [Node(1, "a"), Node(2, "b"), Node(3, "c")]
+
+    def send_and_receive(self, messages, *, timeout):
+        replies = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{msg.metadata.dst_node_id}-{i}"
+            node = msg.metadata.dst_node_id
+            self.rounds_seen.append((msg.metadata.message_type, int(msg.content["config"]["server-round"])))
+            if msg.metadata.message_type == "train" and node == 3:
+                continue
+            content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "auc": 0.5}),
+                                  "site": ConfigRecord({"name": "abc"[node - 1]})})
+            if msg.metadata.message_type == "train":
+                arrays = {k: v + node for k, v in to_numpy(msg.content["arrays"]).items()}
+                content["arrays"] = from_numpy(arrays)
+                content["metrics"] = MetricRecord({"num-examples": 10, "train-loss": 0.1})
+            reply = Message(content=content, reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = node
+            replies.append(reply)
+        return replies
+
+
+def test_resumed_rounds_keep_their_numbers_and_lost_sites_are_named():
+    grid, ends = FakeGrid(), []
+    strategy = FedRad(expected=spec_of(SHARED), min_sites=2)
+    final = run_rounds(grid, strategy, from_numpy(SHARED), first=3, last=4, timeout=5.0,
+                       train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}),
+                       on_round_end=lambda r, arrays: ends.append((r, to_numpy(arrays)["w"].copy())))
+    assert sorted({r for _, r in grid.rounds_seen}) == [3, 4]
+    assert [r for r, _ in ends] == [3, 4]
+    np.testing.assert_allclose(ends[0][1], np.full(3, 1.5))  # mean of a (+1) and b (+2); c never answered
+    np.testing.assert_allclose(to_numpy(final)["w"], np.full(3, 3.0))
+    assert [(r, site) for r, site, _ in strategy.failed] == [(3, "c"), (4, "c")]
+    assert "no train reply within round-timeout 5 s" in strategy.failed[0][2]
+    assert set(strategy.sites["c"].evaluate) == {3, 4} and not strategy.sites["c"].train  # c still evaluates
+
+
+def test_no_rounds_left_runs_nothing():
+    grid = FakeGrid()
+    strategy = FedRad(expected=spec_of(SHARED))
+    arrays = from_numpy(SHARED)
+    assert run_rounds(grid, strategy, arrays, first=3, last=2, timeout=1.0, train_config=ConfigRecord({}),
+                      evaluate_config=ConfigRecord({})) is arrays
+    assert grid.rounds_seen == []
