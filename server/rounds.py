@@ -61,6 +61,9 @@ def run_rounds(grid: Grid, strategy: FedRad, arrays: ArrayRecord, *, first: int,
                train_config: ConfigRecord, evaluate_config: ConfigRecord,
                on_round_end: Callable[[int, ArrayRecord], None] | None = None) -> ArrayRecord:
     """Run rounds first..last (inclusive; none when first > last); return the final global arrays."""
+    if first > last:
+        log.info("rounds 1..%d are already done (resumed from a checkpoint): nothing to train; use another "
+                 "out-dir to train this experiment again", first - 1)
     for server_round in range(first, last + 1):
         log.info("round %d of %d: training", server_round, last)
         sent = list(strategy.configure_train(server_round, arrays, train_config, grid))

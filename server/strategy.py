@@ -1,8 +1,8 @@
 """FedRad: FedAvg over the shared part only, with per-site bookkeeping.
 
-A subclass of Flower's FedAvg that overrides only `aggregate_train`, `aggregate_evaluate`
-and `summary`. Sending is FedAvg's own (the same shared arrays and run config to every
-site). What it adds:
+A subclass of Flower's FedAvg that overrides only `aggregate_train`, `aggregate_evaluate`,
+`summary`, and `configure_train` (to remember the global model a round starts from).
+Sending is FedAvg's own (the same shared arrays and run config to every site). What it adds:
 - every update is validated (keys, shapes, dtype, finiteness) and a bad one is rejected
   and logged with the site's name, never averaged;
 - an update whose distance from the global model it started from is more than
@@ -107,7 +107,8 @@ class FedRad(FedAvg):
         for msg in replies:
             if msg.has_error():
                 reason = msg.error.reason
-                self.failed.append((server_round, f"node-{msg.metadata.src_node_id}", reason))
+                node = msg.metadata.src_node_id
+                self.failed.append((server_round, self.node_names.get(node, f"node-{node}"), reason))
                 log.warning("round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, reason)
             else:
                 self.node_names[msg.metadata.src_node_id] = site_name(msg)

@@ -23,16 +23,17 @@ def checkpoint_round(out) -> int:
     return 0 if ckpt is None else ckpt.round
 
 
-def start_three_sites(deployment) -> None:
+def start_sites(deployment, sites=SITES) -> None:
     deployment.start_coordinator()
-    deployment.register(*SITES)
-    for site in SITES:
+    deployment.register(*sites)
+    for site in sites:
         deployment.start_site(site)
-    deployment.wait_online(3)
+    deployment.wait_online(len(sites))
 
 
 def test_coordinator_killed_after_round_one_resumes_at_round_two(deployment, tmp_path):
-    start_three_sites(deployment)
+    sites = SITES[:2]  # two sites are enough here, and keep this test's CPU load down
+    start_sites(deployment, sites)
     out = tmp_path / "out"
     run_config = FAST_RUN + " round-timeout=600.0"
     deployment.submit(out, run_config)
@@ -43,14 +44,14 @@ def test_coordinator_killed_after_round_one_resumes_at_round_two(deployment, tmp
     assert after_one.round == 1 and not (out / "report.json").exists()
 
     deployment.start_coordinator()  # same state folder (registered sites), same port: the sites reconnect
-    deployment.wait_online(3)
+    deployment.wait_online(len(sites))
     deployment.submit(out, run_config)
     wait_for("the resumed run's report", lambda: (out / "report.json").is_file(),
              watch=[deployment.coordinator, *deployment.sites.values()])
 
     final = load_checkpoint(checkpoint_path(out))
     assert final.round == 2 and final.federation_id == after_one.federation_id
-    for site in SITES:
+    for site in sites:
         # round 1 is the one trained before the kill (its measured seconds prove it was not redone) ...
         assert final.sites[site].train[1] == after_one.sites[site].train[1]
         assert final.sites[site].evaluate[1] == after_one.sites[site].evaluate[1]
@@ -80,7 +81,7 @@ def rejoin(deployment, site: str) -> None:
 
 
 def test_a_site_killed_mid_round_leaves_the_round_to_the_others_and_rejoins(deployment, tmp_path):
-    start_three_sites(deployment)
+    start_sites(deployment)
     out = tmp_path / "out"
     # the timeout only bounds the wait for the lost site; the healthy ones answer well within it
     deployment.submit(out, FAST_RUN + " round-timeout=75.0")

@@ -34,7 +34,8 @@ def test_two_round_simulation_writes_a_valid_report(tmp_path):
         assert report["shared_payload_bytes"] <= site["bytes_sent_per_round"] <= 1.05 * report["shared_payload_bytes"]
     assert report["full_model_bytes"] > 2 * report["shared_payload_bytes"]
     assert report["rejected_updates"] == [] and report["failed_replies"] == []
-    assert (tmp_path / "out" / "report.md").read_text().count("| h") == 2
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| h0 |" in md and "| h1 |" in md and "| h2 |" not in md
     assert (tmp_path / "out" / "report.png").stat().st_size > 1000
     # each site kept its own summary on its own disk
     assert (tmp_path / "out" / "sites" / "h0" / "site-summary.json").is_file()
