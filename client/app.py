@@ -32,16 +32,15 @@ from client.train import build_model, fit, pick_device
 from common.config import RunConfig
 from common.efficientnet_lite import EfficientNetLite0
 from common.egress import EgressPolicy, aggregate_records, check_egress
+from common.feature_shift import Moments
 from common.finetune import local_keys
 from common.finetune import site_bn_stat_keys
 from common.labelshift import logit_adjustment
-from common.preprocess import Preprocessor
-from common.records import (ARRAYS, CLASS_COUNTS, CONFIG, EVAL_METRICS, FEDERATION_ID, HISTOGRAM, INTENSITY,
-                            LABEL_SHIFT, METRICS, MOMENTS, N_FEATURES, NUM_EXAMPLES, PROJECTION, QUERY_KIND,
-                            QUERY_KINDS, REFERENCE, REFERENCE_HISTOGRAM, REFERENCE_METRICS, SITE, TRAIN_METRICS,
-                            describe, from_array_record, from_numpy, moment_keys, to_array_record)
+from common.records import (ARRAYS, CLASS_COUNTS, CONFIG, EVAL_METRICS, FEDERATION_ID, LABEL_SHIFT, METRICS,
+                            NUM_EXAMPLES, SITE, TRAIN_METRICS, describe, from_array_record, to_array_record)
 from common.records import BN_SAMPLES, BN_STATS
-from common.shift import Moments
+from common.records import (HISTOGRAM, INTENSITY, MOMENTS, N_FEATURES, PROJECTION, QUERY_KIND, QUERY_KINDS, REFERENCE,
+                            REFERENCE_HISTOGRAM, REFERENCE_METRICS, from_numpy, moment_keys)
 from common.sites import discover_sites
 
 LOCAL_STATE = "fedrad-local"  # key in context.state: this site's own BN tensors
@@ -119,8 +118,8 @@ def reply(msg: Message, data: SiteData, arrays: ArrayRecord | None, metrics: dic
           moments: Moments | None = None, shift_dim: int = 0) -> Message:
     """Wrap the reply and pass it through the egress whitelist before it may leave.
 
-    `bn_shapes` (from the site's own model) whitelists the BN statistics record by name and
-    shape; `moments` (evaluate, with a shift projection) the projected feature moments.
+    `bn_shapes` (from the site's own model) whitelists the BN statistics record by name and shape;
+    `moments` go in the `moments` record, whitelisted by `shift_dim`.
     """
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": data.name})})
     allowed = TRAIN_METRICS
@@ -136,7 +135,7 @@ def reply(msg: Message, data: SiteData, arrays: ArrayRecord | None, metrics: dic
         records = aggregate_records("evaluate", shift_dim)
         allowed = (*allowed, N_FEATURES)
     incoming = {k: tuple(a.shape) for k, a in msg.content[ARRAYS].items()}
-    check_egress(describe(content), EgressPolicy.build(incoming, allowed, records, bn_stats=bn_shapes),
+    check_egress(describe(content), EgressPolicy.build(incoming, allowed, bn_shapes, records=records),
                  site=data.name)
     return Message(content=content, reply_to=msg)
 
@@ -187,14 +186,6 @@ def evaluate_(msg: Message, context: Context) -> Message:
                  shift_dim=cfg.shift_dim)
 
 
-def training_prior(msg: Message) -> np.ndarray | None:
-    """The federation's training prior π_train, sent by the coordinator with every evaluation."""
-    if LABEL_SHIFT not in msg.content:
-        return None
-    record = msg.content[LABEL_SHIFT]
-    return np.array([float(record[f"prior-train-{c}"]) for c in range(len(CLASS_COUNTS))])  # type: ignore[index]
-
-
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Before round 1: the site's intensity histogram + spacing summary, or its feature moments."""
@@ -202,9 +193,9 @@ def query(msg: Message, context: Context) -> Message:
     kind = str(config.pop(QUERY_KIND, ""))
     if kind not in QUERY_KINDS:
         raise ValueError(f"Unknown query {kind!r}; this site answers {QUERY_KINDS}.")
-    cfg = RunConfig.from_run_config({k: v for k, v in config.items() if k != "server-round"})
+    cfg = RunConfig.from_run_config({k: v for k, v in config.items() if k not in ("server-round", FEDERATION_ID)})
     folder = site_folder(context, cfg)
-    name = folder.resolve().name
+    name = str(context.node_config.get("site-name", folder.resolve().name))
     if kind == "reference":
         own = site_intensity(folder, cfg, site=name)
         records = {INTENSITY: from_numpy({HISTOGRAM: own.counts})} if cfg.spacing_mm > 0 else {}
@@ -220,6 +211,14 @@ def query_reply(msg: Message, name: str, kind: str, cfg: RunConfig, records: dic
                 metrics: dict[str, float], allowed: tuple[str, ...]) -> Message:
     """Wrap a query's aggregates and pass them through the egress whitelist before they may leave."""
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": name}), **records})
-    check_egress(describe(content), EgressPolicy.build({}, allowed, aggregate_records(kind, cfg.shift_dim)),
+    check_egress(describe(content), EgressPolicy.build({}, allowed, records=aggregate_records(kind, cfg.shift_dim)),
                  site=name)
     return Message(content=content, reply_to=msg)
+
+
+def training_prior(msg: Message) -> np.ndarray | None:
+    """The federation's training prior π_train, sent by the coordinator with every evaluation."""
+    if LABEL_SHIFT not in msg.content:
+        return None
+    record = msg.content[LABEL_SHIFT]
+    return np.array([float(record[f"prior-train-{c}"]) for c in range(len(CLASS_COUNTS))])  # type: ignore[index]

@@ -9,7 +9,7 @@ The coordinator sends a fixed projection (k x 1280); the site runs its current m
 its own images, takes the 1280-d penultimate features (the input of the classifier,
 captured with a forward hook so that cached and pixel inputs work alike), projects them
 to k dimensions and sends only their mean (k,) and covariance (k, k)
-(`common.shift.Moments`). No Flower here.
+(`common.feature_shift.Moments`). No Flower here.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from common.config import RunConfig
 from common.efficientnet_lite import EfficientNetLite0
 from common.preprocess import Preprocessor
 from common.records import HARMONIZED, RAW, moment_keys
-from common.shift import MIN_SAMPLES, Moments, moments
+from common.feature_shift import MIN_SAMPLES, Moments, moments
 
 log = logging.getLogger("fedrad.site")
 

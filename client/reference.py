@@ -8,7 +8,8 @@ it (`common.harmonize.IntensityMatch`) before the CT windows.
 
 The histogram is taken over the training and unlabelled images (not the test split, so
 the map is fitted without looking at what is scored). It is recomputed from the site's
-own files on demand and remembered per process: nothing about it needs to persist.
+own files on demand and remembered per process (a few sites, while their folders are
+unchanged): nothing about it needs to persist.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class SiteIntensity:
 
 
 _MEMO: dict[tuple, SiteIntensity] = {}
+MAX_MEMO = 32  # a histogram is 16 kB: an actor serving several sites keeps all of theirs
 
 
 def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None) -> SiteIntensity:
@@ -85,7 +87,8 @@ def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None) -
     cropper = HUCrop(spacing_mm=spacing, fov_mm=cfg.fov_mm)
     key = (str(site_dir.resolve()), repr(cropper), folder_fingerprint(site_dir))
     if key not in _MEMO:
-        _MEMO.clear()
+        while len(_MEMO) >= MAX_MEMO:
+            _MEMO.pop(next(iter(_MEMO)))
         _MEMO[key] = _measure(site_dir, cropper, site, want_histogram=cfg.spacing_mm > 0)
     return _MEMO[key]
 

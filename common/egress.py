@@ -2,14 +2,13 @@
 
 Privacy is the product: no pixel, feature map or per-image prediction may leave a site.
 A reply may hold only (1) the shared weights, under exactly the expected names and shapes,
-(2) scalar metrics from a fixed list (aggregates: counts, loss, AUC), and (3) the site's
-name. Lists are refused in metrics and config values, because a list is how a per-image
-vector would be smuggled out. (4) A few named aggregate arrays in their own records, each
-with an exact name and shape (`records`): the per-channel BN running statistics of the
-named layers (`bn-stats`, aggregates over all the site's training images), the HU
-histogram in the fixed bins and the projected feature moments (`common/harmonize.py`,
-`common/shift.py`); their shapes do not depend on the number of images, so they cannot
-carry one row per image.
+(2) scalar metrics from a fixed list (aggregates: counts, loss, AUC), (3) the site's
+name, and (4) in its own record, the per-channel BN running statistics of the named
+layers (aggregates over all the site's training images), again with exact shapes. Lists are refused in metrics and config values, because a list is how a per-image
+vector would be smuggled out. (5) A few named aggregate arrays in their own records, each
+with an exact name and shape (`records`): the HU histogram in the fixed bins and the
+projected feature moments (`common/harmonize.py`, `common/feature_shift.py`); their shapes
+do not depend on the number of images, so they cannot carry one row per image.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from common.harmonize import N_BINS
-from common.records import (BN_STATS, HARMONIZED, HISTOGRAM, INTENSITY, MOMENTS, RAW, Description, moment_keys)
+from common.records import HARMONIZED, HISTOGRAM, INTENSITY, MOMENTS, RAW, Description, moment_keys
 
 
 class EgressError(RuntimeError):
@@ -35,16 +34,16 @@ class EgressPolicy:
     array_record: str = "arrays"
     metric_record: str = "metrics"
     config_record: str = "site"
+    bn_stats: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # BN statistic name -> exact shape
+    bn_record: str = "bn-stats"
     records: Mapping[str, Mapping[str, tuple[int, ...]]] = field(default_factory=dict)  # record -> {name: shape}
 
     @classmethod
     def build(cls, arrays: Mapping[str, tuple[int, ...]], metrics: Iterable[str],
-              records: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None, *,
-              bn_stats: Mapping[str, tuple[int, ...]] | None = None) -> EgressPolicy:
-        extra = {name: dict(shapes) for name, shapes in (records or {}).items()}
-        if bn_stats:
-            extra[BN_RECORD] = dict(bn_stats)
-        return cls(arrays=dict(arrays), metrics=frozenset(metrics), records=extra)
+              bn_stats: Mapping[str, tuple[int, ...]] | None = None, *,
+              records: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None) -> EgressPolicy:
+        return cls(arrays=dict(arrays), metrics=frozenset(metrics), bn_stats=dict(bn_stats or {}),
+                   records={name: dict(shapes) for name, shapes in (records or {}).items()})
 
 
 def aggregate_records(kind: str, shift_dim: int) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -75,8 +74,12 @@ CONFIG_TYPES = {"str", "int", "float", "bool"}
 def check_egress(description: Description, policy: EgressPolicy, *, site: str) -> None:
     """Raise EgressError naming the site and the offending record/key, or return None."""
     allowed = {policy.array_record: "arrays", policy.metric_record: "metrics", policy.config_record: "config"}
+    shapes = {policy.array_record: policy.arrays}
+    if policy.bn_stats:
+        allowed[policy.bn_record] = "arrays"
+        shapes[policy.bn_record] = policy.bn_stats
     allowed.update({name: "arrays" for name in policy.records})
-    shapes = {policy.array_record: policy.arrays, **policy.records}
+    shapes.update(policy.records)
     for name, (kind, entries) in description.items():
         if allowed.get(name) != kind:
             raise EgressError(f"site {site}: record '{name}' of kind {kind} is not on the egress whitelist "
@@ -84,7 +87,7 @@ def check_egress(description: Description, policy: EgressPolicy, *, site: str) -
         if kind == "arrays":
             expected = shapes[name]
             what = ("a shared weight" if name == policy.array_record else "a whitelisted BN statistic"
-                    if name == BN_RECORD else f"a whitelisted '{name}' aggregate")
+                    if name == policy.bn_record else f"a whitelisted '{name}' aggregate")
             for key, shape in entries.items():
                 if key not in expected:
                     raise EgressError(f"site {site}: array '{key}' is not {what}; refused.")

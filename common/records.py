@@ -20,6 +20,18 @@ METRICS = "metrics"  # aggregates a site reports (counts, loss, AUC, ...)
 SITE = "site"  # who is replying: {"name": site folder name}
 BN_STATS = "bn-stats"  # site -> coordinator: per-channel BN running mean/var of the adapted layers
 LABEL_SHIFT = "label-shift"  # coordinator -> site (evaluate): the training prior {"prior-train-<c>": float}
+REFERENCE = "reference"  # coordinator -> site: pooled HU histogram and/or the shift projection
+INTENSITY = "intensity"  # site -> coordinator (query): its HU histogram in the fixed bins
+MOMENTS = "moments"  # site -> coordinator: mean/covariance of its projected penultimate features
+
+# Query messages (before round 1): run config plus what the coordinator asks for.
+QUERY_KIND = "fedrad-query"  # config key: one of QUERY_KINDS
+QUERY_KINDS = ("reference", "shift")  # histogram + spacing summary; feature moments raw / harmonised
+# Array keys.
+HISTOGRAM = "histogram"  # in INTENSITY: int64 counts (N_BINS,)
+REFERENCE_HISTOGRAM = "reference-histogram"  # in REFERENCE: the pooled counts (N_BINS,)
+PROJECTION = "projection"  # in REFERENCE: (shift-dim, 1280) float32, orthonormal rows
+RAW, HARMONIZED = "raw/", "harmonized/"  # prefixes of the moments keys in a shift-query reply
 
 # Keys of the config record (coordinator -> site) that are not run config.
 FEDERATION_ID = "federation-id"  # one id per experiment, kept across coordinator restarts; names a site's local state
@@ -35,19 +47,6 @@ LABEL_SHIFT_METRICS = (  # last round only (common.shift_flags, client.site_shif
     "auc-personalised", "disagreement", "concept-shift", "label-shift-flags")
 TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds", BN_SAMPLES, *CLASS_COUNTS)
 EVAL_METRICS = (NUM_EXAMPLES, "auc", "balanced-accuracy", "ece", "test-loss", *LABEL_SHIFT_METRICS)
-REFERENCE = "reference"  # coordinator -> site: pooled HU histogram and/or the shift projection
-INTENSITY = "intensity"  # site -> coordinator (query): its HU histogram in the fixed bins
-MOMENTS = "moments"  # site -> coordinator: mean/covariance of its projected penultimate features
-
-# Query messages (before round 1): run config plus what the coordinator asks for.
-QUERY_KIND = "fedrad-query"  # config key: one of QUERY_KINDS
-QUERY_KINDS = ("reference", "shift")  # histogram + spacing summary; feature moments raw / harmonised
-# Array keys.
-HISTOGRAM = "histogram"  # in INTENSITY: int64 counts (N_BINS,)
-REFERENCE_HISTOGRAM = "reference-histogram"  # in REFERENCE: the pooled counts (N_BINS,)
-PROJECTION = "projection"  # in REFERENCE: (shift-dim, 1280) float32, orthonormal rows
-RAW, HARMONIZED = "raw/", "harmonized/"  # prefixes of the moments keys in a shift-query reply
-
 N_FEATURES = "n-features"  # images the feature moments were taken over
 REFERENCE_METRICS = ("n-images", "n-pixels", "n-constant", "spacing-median-mm", "spacing-min-mm",
                      "spacing-max-mm")  # spacing summary and histogram counts of a reference-query reply

@@ -12,7 +12,7 @@ Before round 1 (only when harmonisation, the shift score or an automatic spacing
    the coordinator computes each site's shift score before and after harmonisation.
 
 What then travels with every train/evaluate message is `Exchange.broadcast()`. The
-arithmetic lives in `common/harmonize.py` and `common/shift.py`; this module sends and
+arithmetic lives in `common/harmonize.py` and `common/feature_shift.py`; this module sends and
 receives.
 """
 
@@ -33,7 +33,7 @@ from common.efficientnet_lite import NUM_FEATURES
 from common.harmonize import bin_edges, histogram_problem, pool_histograms, summary
 from common.records import (CONFIG, HARMONIZED, HISTOGRAM, INTENSITY, METRICS, MOMENTS, PROJECTION, QUERY_KIND, RAW,
                             REFERENCE, REFERENCE_HISTOGRAM, from_numpy, moment_keys)
-from common.shift import Moments, projection, shift_scores
+from common.feature_shift import Moments, projection, shift_scores
 from server.strategy import site_name
 
 log = logging.getLogger("fedrad.coordinator")

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from common.records import METRICS, MOMENTS, N_FEATURES, REFERENCE, moment_keys
-from common.shift import Moments, shift_scores
+from common.feature_shift import Moments, shift_scores
 from server.strategy import FedRad, site_name
 
 log = logging.getLogger("fedrad.coordinator")

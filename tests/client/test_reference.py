@@ -11,7 +11,7 @@ from client.reference import site_intensity, site_preprocessor
 from common.config import RunConfig
 from common.harmonize import N_BINS, HarmonizationWarning
 from common.records import from_numpy
-from common.shift import projection
+from common.feature_shift import projection
 from common.synth import SiteSpec, generate
 from tests.client.test_app import message
 from tests.helpers import write_dicom

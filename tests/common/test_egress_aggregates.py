@@ -17,7 +17,7 @@ def content(metrics=None, **records):
 
 
 def test_reference_reply_may_carry_exactly_the_histogram():
-    policy = EgressPolicy.build({}, REFERENCE_METRICS, aggregate_records("reference", 16))
+    policy = EgressPolicy.build({}, REFERENCE_METRICS, records=aggregate_records("reference", 16))
     check_egress(content({"n-images": 10, "spacing-median-mm": 0.7}, intensity={"histogram": np.zeros(N_BINS, np.int64)}), policy, site="site-a")
     for bad, match in [
         ({"intensity": {"histogram": np.zeros(N_BINS + 1, np.int64)}}, "shape"),
@@ -30,7 +30,7 @@ def test_reference_reply_may_carry_exactly_the_histogram():
 
 
 def test_evaluate_reply_may_carry_mean_and_covariance_in_the_projection_only():
-    policy = EgressPolicy.build({}, (*EVAL_METRICS, N_FEATURES), aggregate_records("evaluate", 16))
+    policy = EgressPolicy.build({}, (*EVAL_METRICS, N_FEATURES), records=aggregate_records("evaluate", 16))
     check_egress(content(moments={"feature-mean": np.zeros(16), "feature-cov": np.zeros((16, 16))}), policy,
                  site="site-a")
     for bad in ({"feature-mean": np.zeros(1280)},  # unprojected features
@@ -39,7 +39,7 @@ def test_evaluate_reply_may_carry_mean_and_covariance_in_the_projection_only():
             check_egress(content(moments=bad), policy, site="site-a")
     with pytest.raises(EgressError, match="record 'moments'"):  # shift score off: no moments at all
         check_egress(content(moments={"feature-mean": np.zeros(16)}),
-                     EgressPolicy.build({}, EVAL_METRICS, aggregate_records("evaluate", 0)), site="site-a")
+                     EgressPolicy.build({}, EVAL_METRICS, records=aggregate_records("evaluate", 0)), site="site-a")
 
 
 def test_shift_query_and_train_replies():

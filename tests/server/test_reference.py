@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from common.config import RunConfig
 from common.harmonize import N_BINS, intensity_histogram, pool_histograms
 from common.records import from_numpy
-from common.shift import Moments, moments, shift_scores
+from common.feature_shift import moments, shift_scores
 from server.aggregate import spec_of
 from server.reference import choose_spacing, exchange_reference, needed
 from server.shift_tracking import FedRadShift
@@ -115,5 +115,14 @@ def test_the_strategy_scores_every_round_from_moments_only():
     metrics = strategy.aggregate_evaluate(3, [evaluate_reply(s, z) for s, z in feats.items()])
     assert metrics["auc"] == pytest.approx(0.9)  # FedRad's own aggregation still runs
     assert strategy.shift[3] == pytest.approx(shift_scores({s: moments(z) for s, z in feats.items()}))
-    assert isinstance(next(iter(strategy.sites.values())).evaluate[3]["n-features"], float)
-    assert Moments  # the type the scores are computed from
+    assert strategy.sites["a"].evaluate[3]["n-features"] == 30.0
+
+
+def test_unusable_moments_are_logged_and_the_round_goes_on(caplog):
+    strategy = FedRadShift(broadcast=None, expected=spec_of({"_fc.bias": np.zeros(2, np.float32)}), min_sites=1)
+    bad = evaluate_reply("a", RNG.normal(size=(30, 4)))
+    bad.content["moments"] = from_numpy({"feature-mean": np.zeros(4)})  # no covariance
+    with caplog.at_level(logging.WARNING, logger="fedrad.coordinator"):
+        metrics = strategy.aggregate_evaluate(1, [bad, evaluate_reply("b", RNG.normal(size=(30, 4)))])
+    assert "site a sent unusable feature moments" in caplog.text
+    assert set(strategy.shift[1]) == {"b"} and metrics["auc"] == pytest.approx(0.9)
