@@ -66,7 +66,6 @@ def aggregate_records(kind: str, shift_dim: int) -> dict[str, dict[str, tuple[in
     return {}
 
 
-BN_RECORD = BN_STATS  # the record of per-site BN statistics
 SCALAR_TYPES = {"int", "float"}
 CONFIG_TYPES = {"str", "int", "float", "bool"}
 
