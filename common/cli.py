@@ -175,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write the built-in synthetic multi-center CT data set (DICOM + labels.csv)",
-                       description="Write 4 synthetic hospital sites (different scanners, noise, kernels, HU "
-                                   "offsets and prevalence) as real DICOM files plus labels.csv per site.",
+                       description="Write 5 synthetic hospital sites (different scanners, noise, kernels, HU "
+                                   "offsets, prevalence and one labelling rule) as real DICOM files plus "
+                                   "labels.csv per site, and truth.json (the simulation's true priors).",
                        epilog="example: fedrad synth --out data/synthetic --seed 1")
     p.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per site)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
