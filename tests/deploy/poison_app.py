@@ -47,3 +47,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return site.evaluate_(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return site.query(msg, context)
