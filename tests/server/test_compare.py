@@ -86,4 +86,5 @@ def test_local_is_a_federation_of_one(data, tmp_path, one_thread):
     site = load_site(only / "h0", Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))
     local = run_local([site], cfg, tmp_path / "local")
     assert local["sites"][0]["auc"] == federated["sites"][0]["auc"]
-    assert local["sites"][0]["ece"] == pytest.approx(federated["sites"][0]["ece"], abs=1e-9)
+    # float32 arithmetic in a Ray actor vs this process: equal to 1e-6, not bit for bit
+    assert local["sites"][0]["ece"] == pytest.approx(federated["sites"][0]["ece"], abs=1e-6)
