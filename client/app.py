@@ -96,9 +96,10 @@ def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, Effici
     run_config = {k: v for k, v in msg.content[CONFIG].items() if k not in ("server-round", FEDERATION_ID)}
     cfg = RunConfig.from_run_config(run_config)
     folder = site_folder(context, cfg)
-    data = load_site_cached(folder, site_preprocessor(cfg, folder, reference_arrays(msg).get(REFERENCE_HISTOGRAM)))
-    if "site-name" in context.node_config:  # deployment: the name the site was provisioned under
-        data.name = str(context.node_config["site-name"])
+    name = str(context.node_config.get("site-name", folder.resolve().name))  # deployment: as provisioned
+    data = load_site_cached(folder, site_preprocessor(cfg, folder, reference_arrays(msg).get(REFERENCE_HISTOGRAM)),
+                            cache_dir=work_folder(context, cfg, name) / "cache")
+    data.name = name
     device = pick_device(cfg.device)
     model = build_model(cfg, device)
     inputs = site_inputs(model, cfg, data, work_folder(context, cfg, data.name), device)

@@ -29,6 +29,7 @@ import hashlib
 import math
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -199,7 +200,7 @@ def _read_row(site_dir: Path, row: _Row) -> tuple[str | None, DicomImage | None]
         what = "file not found" if not path.exists() else "not a regular file"
         return f"{what}: {path} (image paths are relative to the site folder)", None
     try:
-        image = read_image(path)
+        image = _DECODED.read(path)
     except DicomReadError as exc:
         return exc.reason, None
     if row.roi_xy is not None:
@@ -211,6 +212,34 @@ def _read_row(site_dir: Path, row: _Row) -> tuple[str | None, DicomImage | None]
                 f"{n_rows} rows); roi_x is the column index, roi_y the row index"
             ), image
     return None, image
+
+
+class _DecodedImages:
+    """Decoded images by (path, size, mtime), least recently used out first once over `limit_mb`."""
+
+    def __init__(self, limit_mb: int) -> None:
+        self.limit_bytes = limit_mb * 2**20
+        self.images: OrderedDict[tuple, DicomImage] = OrderedDict()
+        self.nbytes = 0
+
+    def read(self, path: Path) -> DicomImage:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key in self.images:
+            self.images.move_to_end(key)
+            return self.images[key]
+        image = read_image(path)  # errors are not remembered
+        self.images[key] = image
+        self.nbytes += image.values.nbytes
+        while self.nbytes > self.limit_bytes and len(self.images) > 1:
+            self.nbytes -= self.images.popitem(last=False)[1].values.nbytes
+        return image
+
+
+# Before round 1 a site answers two queries from the same files (its HU histogram, then the
+# pretrained features of its CNN inputs): the second need not decode them again. Images are
+# never mutated downstream. 256 MB holds ~2,500 160x160 CT slices.
+_DECODED = _DecodedImages(limit_mb=256)
 
 
 def _read_labels(csv_path: Path, skipped: list[Skipped]) -> list[_Row]:
@@ -324,17 +353,28 @@ _LOADED: dict[tuple, SiteData] = {}
 MAX_LOADED = 8  # sites remembered per process: an actor (or an in-process federation) serves several in turn
 
 
-def load_site_cached(site_dir: Path, preprocessor: Preprocessor) -> SiteData:
+def load_site_cached(site_dir: Path, preprocessor: Preprocessor, *, cache_dir: Path | None = None) -> SiteData:
     """`load_site`, remembered per process while the folder is unchanged (the latest `MAX_LOADED` sites).
 
     A Simulation Engine actor serves its site message after message; re-reading and
     re-preprocessing every DICOM for each message would dominate a round once the
     frozen prefix is cached. Actors (and `fedrad compare`'s baselines) serve several sites in turn,
-    so a few are kept (a site of a few hundred 96-px images is tens of MB).
+    so a few are kept (a site of a few hundred 96-px images is tens of MB). With `cache_dir`
+    (the site's own cache folder) the arrays are also kept on disk (`client.site_store`), so
+    the next process loads them instead of decoding every DICOM again.
     """
-    key = (str(Path(site_dir).resolve()), repr(preprocessor), folder_fingerprint(Path(site_dir)))
+    from client import site_store
+
+    fingerprint = folder_fingerprint(Path(site_dir))
+    key = (str(Path(site_dir).resolve()), repr(preprocessor), fingerprint)
     if key not in _LOADED:
         while len(_LOADED) >= MAX_LOADED:
             _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[key] = load_site(site_dir, preprocessor)
+        path = None if cache_dir is None else site_store.store_path(cache_dir, repr(preprocessor), fingerprint)
+        data = None if path is None else site_store.load(path)
+        if data is None:
+            data = load_site(site_dir, preprocessor)
+            if path is not None:
+                site_store.save(path, data)
+        _LOADED[key] = data
     return _LOADED[key]

@@ -48,7 +48,7 @@ def compute_prefix(model: EfficientNetLite0, x: np.ndarray, start: int, views: i
     model.eval()
     out = []
     for i in range(0, len(x), batch_size):
-        xb = torch.from_numpy(x[i:i + batch_size]).to(device)
+        xb = torch.from_numpy(x[i:i + batch_size]).to(device).contiguous(memory_format=torch.channels_last)
         out.append(torch.stack([model.forward_units(dihedral(xb, v), 0, start).float().cpu()
                                 for v in range(views)], dim=1))
     return torch.cat(out).numpy()

@@ -61,8 +61,7 @@ def measure(*, device: torch.device, image_size: int, batch_size: int, images: i
     train_rate = images / seconds
 
     h = torch.from_numpy(features[:batch_size, 0]).to(device)
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    pixels = torch.from_numpy(x[:batch_size]).to(device).contiguous(memory_format=fmt)
+    pixels = torch.from_numpy(x[:batch_size]).to(device).contiguous(memory_format=torch.channels_last)
     model.train()
 
     def suffix_step() -> None:

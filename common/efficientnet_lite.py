@@ -61,11 +61,20 @@ class SameConv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads: list[int] = []
-        for size, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
-            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-            pads += [total // 2, total - total // 2]
+        pads = same_padding(tuple(x.shape[-2:]), self.kernel_size, self.stride)
+        if pads[0] == pads[1] and pads[2] == pads[3]:  # symmetric (1x1, stride 1): the conv pads, no copy
+            return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]), self.dilation, self.groups)
         return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+@functools.lru_cache(maxsize=256)
+def same_padding(size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int, int, int]:
+    """TF "same" padding as F.pad wants it: (left, right, top, bottom); the extra pixel goes right/bottom."""
+    pads: list[int] = []
+    for n, k, s in zip(size[::-1], kernel[::-1], stride[::-1]):
+        total = max((math.ceil(n / s) - 1) * s + k - n, 0)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)  # type: ignore[return-value]
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:

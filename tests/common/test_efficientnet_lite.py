@@ -56,3 +56,19 @@ def test_tf_same_padding_keeps_ceil_sizes(size):
     assert stem.shape[-1] == int(np.ceil(size / 2))
     with torch.no_grad():
         assert model.features(x).shape == (1, 1280)
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride"), [(12, 1, 1), (12, 3, 1), (11, 5, 1), (12, 3, 2), (11, 5, 2)])
+def test_same_padding_matches_tensorflow_padding_by_hand(size, kernel, stride):
+    """The conv's own (symmetric) padding and the explicit asymmetric pad give TF's "same" output."""
+    from common.efficientnet_lite import SameConv2d
+
+    torch.manual_seed(0)
+    conv = SameConv2d(4, 6, kernel, stride=stride, bias=False)
+    x = torch.randn(2, 4, size, size)
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)  # TF: extra pixel right/bottom
+    pads = [total // 2, total - total // 2] * 2
+    expected = F.conv2d(F.pad(x, pads), conv.weight, None, stride)
+    out = conv(x)
+    assert out.shape[-1] == -(-size // stride)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
