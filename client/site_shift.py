@@ -11,7 +11,9 @@ In the last round (`label-shift` on) the site also, all locally:
 2. estimates its prior on its unlabelled images by EM on q (BBSE as a second estimate);
    a site with fewer than MIN_UNLABELLED unlabelled images uses its labelled prior;
 3. corrects: p_site(y|x) ∝ q(y|x) · π_site(y) / π_train(y), and reports ECE, Brier score
-   and balanced accuracy on its test split before and after. Calibration and estimate
+   and balanced accuracy on its test split before and after, and the ECE that perfectly
+   calibrated posteriors would score at this test size (`ece-floor`: ECE is biased upward
+   on a few hundred images, so a gain below the floor is not a gain). Calibration and estimate
    are cross-fitted (`client.folds`): each test image is corrected by maps fitted on the
    other fold, so no image is scored by a map fitted on its own label;
 4. personalises a copy of its decision layer on its own labels (`client.personalise`),
@@ -49,7 +51,7 @@ from common.calibration import BCTS, fit_bcts
 from common.config import RunConfig
 from common.efficientnet_lite import EfficientNetLite0
 from common.labelshift import bbse_prior, correct_posteriors, em_prior, prior_from_counts
-from common.metrics import brier_score, classification_metrics
+from common.metrics import brier_score, classification_metrics, ece_noise_floor
 from common.shift_flags import FALLBACK, ShiftFlag, describe
 
 MIN_UNLABELLED = 30  # unlabelled images needed before EM's estimate replaces the labelled prior
@@ -205,6 +207,7 @@ def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_un
         m = classification_metrics(y_test, probs[:, 1])
         out.update({f"ece-{name}": m["ece"], f"brier-{name}": brier_score(y_test, probs[:, 1]),
                     f"balanced-accuracy-{name}": m["balanced-accuracy"]})
+    out["ece-floor"] = ece_noise_floor(corrected[:, 1])  # what ECE perfect calibration scores at this test size
     return SiteCorrection(out, corrected, reference, flags, calibrate)
 
 

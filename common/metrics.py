@@ -3,6 +3,11 @@
 AUC and balanced accuracy come from scikit-learn. ECE is the top-label version of
 Guo et al. 2017 (equal-width confidence bins, weighted |accuracy - confidence|), which
 sklearn does not provide. Undefined values (AUC with one class present) are NaN, never a crash.
+
+ECE measured on a finite test split is biased upward: even perfectly calibrated posteriors
+score above zero, because each bin's accuracy is a noisy count (Kumar et al. 2019, Roelofs
+et al. 2022). `ece_noise_floor` gives that floor for the posteriors at hand, so a reader can
+tell a real calibration gain from one the estimator cannot resolve.
 """
 
 from __future__ import annotations
@@ -27,6 +32,22 @@ def expected_calibration_error(y_true: np.ndarray, p_pos: np.ndarray, n_bins: in
         if mask.any():
             ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
     return float(ece)
+
+
+def ece_noise_floor(p_pos: np.ndarray, n_draws: int = 300, seed: int = 0) -> float:
+    """Mean ECE of perfectly calibrated posteriors `p_pos` on this many images.
+
+    Labels are drawn from the posteriors themselves (y ~ Bernoulli(p)), so the posteriors are
+    calibrated by construction; whatever ECE they still score is estimation noise. An ECE
+    near this value cannot be told apart from perfect calibration at this test size. NaN
+    when empty.
+    """
+    p_pos = np.clip(np.asarray(p_pos, dtype=np.float64), 0.0, 1.0)
+    if p_pos.size == 0:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    return float(np.mean([expected_calibration_error(rng.random(p_pos.size) < p_pos, p_pos)
+                          for _ in range(n_draws)]))
 
 
 def brier_score(y_true: np.ndarray, p_pos: np.ndarray) -> float:

@@ -42,7 +42,7 @@ BN_SAMPLES = "bn-samples"  # images the site's BN statistics were estimated on (
 CLASS_COUNTS = ("n-class-0", "n-class-1")  # labelled images a site trained on, per class: the training prior
 LABEL_SHIFT_METRICS = (  # last round only (common.shift_flags, client.site_shift): scalars, never per image
     "n-unlabelled", "prior-em", "prior-bbse", "prior-site", "bcts-temperature", "bcts-bias",
-    "ece-uncorrected", "ece-corrected", "brier-uncorrected", "brier-corrected",
+    "ece-uncorrected", "ece-corrected", "ece-floor", "brier-uncorrected", "brier-corrected",
     "balanced-accuracy-uncorrected", "balanced-accuracy-corrected",
     "auc-personalised", "disagreement", "concept-shift", "label-shift-flags")
 TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds", BN_SAMPLES, *CLASS_COUNTS)

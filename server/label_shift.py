@@ -33,7 +33,7 @@ TRUTH_FILE = "truth.json"
 REPORT_KEYS = {
     "prior_em": "prior-em", "prior_bbse": "prior-bbse", "prior_site": "prior-site", "n_unlabelled": "n-unlabelled",
     "bcts_temperature": "bcts-temperature", "bcts_bias": "bcts-bias",
-    "ece_uncorrected": "ece-uncorrected", "ece_corrected": "ece-corrected",
+    "ece_uncorrected": "ece-uncorrected", "ece_corrected": "ece-corrected", "ece_floor": "ece-floor",
     "brier_uncorrected": "brier-uncorrected", "brier_corrected": "brier-corrected",
     "balanced_accuracy_uncorrected": "balanced-accuracy-uncorrected",
     "balanced_accuracy_corrected": "balanced-accuracy-corrected",
@@ -98,15 +98,17 @@ def markdown_section(report: Mapping[str, Any]) -> list[str]:
              "the labelled prior where a site has too few unlabelled images. Before → after: the global model's "
              "posteriors vs calibrated and prior-corrected ones, on the test split (cross-fitted). Balanced "
              "accuracy at threshold 0.5 may fall after correction at a skewed prior: Bayes decisions maximise "
-             "accuracy, not balanced accuracy.", "",
-             "| site | n unlabelled | prior true | EM | BBSE | prior used | ECE before → after | "
+             "accuracy, not balanced accuracy. ECE floor: the ECE perfectly calibrated posteriors would score on "
+             "this many test images (ECE is biased upward on small splits); an ECE near it is as good as "
+             "this split can tell.", "",
+             "| site | n unlabelled | prior true | EM | BBSE | prior used | ECE before → after (floor) | "
              "Brier before → after | bal. acc. before → after | AUC global | AUC personalised | disagreement |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in sites:
         flag = " ⚑" if s.get("concept_shift") else ""
         lines.append(f"| {s['name']} | {s.get('n_unlabelled') or 0:.0f} | {_fmt(s.get('prior_true'))} | "
                      f"{_fmt(s.get('prior_em'))} | {_fmt(s.get('prior_bbse'))} | {_fmt(s.get('prior_site'))} | "
-                     f"{_fmt(s.get('ece_uncorrected'))} → {_fmt(s.get('ece_corrected'))} | "
+                     f"{_fmt(s.get('ece_uncorrected'))} → {_fmt(s.get('ece_corrected'))} ({_fmt(s.get('ece_floor'))}) | "
                      f"{_fmt(s.get('brier_uncorrected'))} → {_fmt(s.get('brier_corrected'))} | "
                      f"{_fmt(s.get('balanced_accuracy_uncorrected'))} → {_fmt(s.get('balanced_accuracy_corrected'))} | "
                      f"{_fmt(s.get('auc'))} | {_fmt(s.get('auc_personalised'))} | "

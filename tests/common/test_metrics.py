@@ -27,3 +27,20 @@ def test_metrics_of_a_perfect_ranker():
 def test_one_class_gives_nan_auc_not_a_crash():
     m = classification_metrics(np.array([1, 1, 1]), np.array([0.2, 0.7, 0.9]))
     assert math.isnan(m["auc"]) and m["balanced-accuracy"] == pytest.approx(2 / 3)
+
+
+def test_ece_floor_is_what_calibrated_posteriors_score_and_shrinks_with_more_images():
+    from common.metrics import ece_noise_floor
+
+    assert ece_noise_floor(np.array([0.0, 1.0, 1.0, 0.0])) == 0.0  # certain and right: no noise to measure
+    rng = np.random.default_rng(3)
+    small, large = rng.beta(5, 1, 300), rng.beta(5, 1, 30_000)
+    floor_small, floor_large = ece_noise_floor(small), ece_noise_floor(large, n_draws=20)
+    assert 0.005 < floor_small < 0.08  # a few hundred calibrated images still score a visible ECE
+    assert floor_large < floor_small / 5  # ~1/sqrt(n): 100x the images, ~10x less noise
+    # Calibrated labels drawn once score near the floor; labels from a shifted prior score far above it.
+    y_calibrated = rng.random(300) < small
+    y_shifted = rng.random(300) < small ** 3
+    assert expected_calibration_error(y_calibrated, small) < 3 * floor_small
+    assert expected_calibration_error(y_shifted, small) > 3 * floor_small
+    assert np.isnan(ece_noise_floor(np.array([])))

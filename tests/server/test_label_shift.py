@@ -72,15 +72,16 @@ def test_report_has_the_label_shift_keys_and_section(tmp_path):
 
     site = SiteLog("site-b", train={1: {"n-train": 100, "n-class-0": 20, "n-class-1": 80}},
                    evaluate={1: {"num-examples": 50, "auc": 0.9, "prior-em": 0.8, "ece-uncorrected": 0.12,
-                                 "ece-corrected": 0.04, "brier-uncorrected": 0.2, "brier-corrected": 0.1,
+                                 "ece-corrected": 0.04, "ece-floor": 0.02, "brier-uncorrected": 0.2,
+                                 "brier-corrected": 0.1,
                                  "auc-personalised": 0.91, "disagreement": 0.2, "concept-shift": 1}})
     report = build_report(RunConfig(data_dir=str(tmp_path)), {"site-b": site}, wall_seconds=1.0, full_model_bytes=10,
                           shared_payload_bytes=5, rejected=[], failed=[])
     row = report["sites"][0]
-    for key in ("prior_true", "prior_em", "prior_bbse", "ece_uncorrected", "ece_corrected", "brier_uncorrected",
-                "brier_corrected", "auc_personalised"):
+    for key in ("prior_true", "prior_em", "prior_bbse", "ece_uncorrected", "ece_corrected", "ece_floor",
+                "brier_uncorrected", "brier_corrected", "auc_personalised"):
         assert key in row
     assert report["prior_train"] == pytest.approx(81 / 102)
     text = to_markdown(report)
-    assert "Concept shift suspected at site-b" in text and "0.120 → 0.040" in text
+    assert "Concept shift suspected at site-b" in text and "0.120 → 0.040 (0.020)" in text
     assert markdown_section({"sites": [{"name": "x"}]}) == []  # nothing measured: no section
