@@ -154,6 +154,9 @@ class FedRad(FedAvg):
                 self._reject(server_round, name, str(err))
                 continue
             candidates.append((name, arrays, msg))
+        # By site name, not arrival order: float sums depend on order, and a run must not depend on which site
+        # answered first (otherwise the same seed gives a different model whenever the timing differs).
+        candidates.sort(key=lambda c: c[0])
         for name, arrays, msg in self._drop_norm_outliers(server_round, candidates):
             metrics = dict(msg.content[METRICS])  # type: ignore[arg-type]
             site = self._site(name)

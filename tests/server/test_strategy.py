@@ -106,3 +106,22 @@ def test_wrong_shape_or_dtype_is_rejected(bad, match):
     arrays, _ = s.aggregate_train(1, [train_reply("a", 1.0, 10), train_reply("b", 3.0, 10), evil])
     np.testing.assert_allclose(to_numpy(arrays)["_fc.weight"], np.full((2, 3), 2.0))
     assert s.rejected[0][1] == "evil" and match in s.rejected[0][2]
+
+
+def test_the_average_does_not_depend_on_which_site_answered_first():
+    """Float sums depend on order; the same updates in any arrival order must give the same bits."""
+    rng = np.random.default_rng(0)
+    expected = {"w": np.zeros(20_000, np.float32)}
+
+    def reply(site, n):
+        content = RecordDict({"arrays": from_numpy({"w": rng.standard_normal(20_000).astype(np.float32)}),
+                              "metrics": MetricRecord({"num-examples": n}), "site": ConfigRecord({"name": site})})
+        return Message(content=content, dst_node_id=0, message_type="train")
+
+    replies = [reply(f"site-{i}", n) for i, n in enumerate([7, 13, 101, 3, 29, 11, 17])]
+    results = set()
+    for order in range(10):
+        shuffled = [replies[i] for i in np.random.default_rng(order).permutation(len(replies))]
+        arrays, _ = FedRad(expected=spec_of(expected), min_sites=2).aggregate_train(1, shuffled)
+        results.add(to_numpy(arrays)["w"].tobytes())
+    assert len(results) == 1
