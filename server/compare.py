@@ -144,14 +144,12 @@ def init_worker(threads: int) -> None:
 
 
 def run_job(job: Job) -> dict[str, Any]:
-    """Run one job; return its result row (see `server.compare_report`) with the CPU seconds it took.
+    """Run one job; return its result row (see `server.compare_report`).
 
-    CPU seconds are what the job would take alone on an idle core (each worker is
-    single-threaded), a figure that, unlike wall time, does not depend on what else runs.
+    Only wall time is reported: a federation's work runs in Flower's Ray actors, outside
+    this process, so this process's CPU time would understate it.
     """
-    cpu = time.process_time()
-    result = _run_job(job)
-    return {**result, "cpu_seconds": round(time.process_time() - cpu, 1)}
+    return _run_job(job)
 
 
 def _run_job(job: Job) -> dict[str, Any]:

@@ -67,8 +67,6 @@ def summarize_strategy(spec: Any, runs: dict[int, dict[str, Any]], sites: list[s
     walls = [float(runs[seed]["wall_seconds"]) for seed in seeds]
     entry["wall_seconds"], entry["wall_seconds_sd"] = mean_sd(walls)
     entry["wall_seconds"] = round(entry["wall_seconds"], 1)
-    cpu = [runs[seed].get("cpu_seconds") for seed in seeds]
-    entry["cpu_seconds"] = round(float(np.mean(cpu)), 1) if None not in cpu else None
     return entry
 
 
@@ -159,7 +157,6 @@ def summarize(plan: ComparePlan, results: list[dict[str, Any]], *, wall_seconds:
         "scanners": [{k: s[k] for k in ("name", "n_patients", "prevalence", "spacing_mm", "noise_hu", "kernel",
                                          "hu_offset")} for s in truth["sites"]] if truth else None,
         "wall_seconds": round(wall_seconds, 1),
-        "cpu_seconds": round(sum(r.get("cpu_seconds") or 0.0 for r in results), 1),
         "results": results,  # every job's raw result, per seed
     }
 
@@ -193,7 +190,7 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]], lis
     """Header, cells and a best-in-column mask for the strategy table (shared by markdown and rich)."""
     sites = summary["sites"]
     header = ["strategy", *[f"{s} AUC" for s in sites], "mean AUC", "mean bal. acc.", "mean ECE", "bytes/round",
-              "wall s/run", "CPU s/run"]
+              "wall s/run"]
     columns: list[tuple[list[float | None], bool]] = []  # (values per run, higher is better)
     cells = []
     for run in summary["runs"]:
@@ -206,7 +203,6 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]], lis
         sent = [s["bytes_sent_per_round"] for s in run["sites"]]
         row.append("images move" if any(b is None for b in sent) else f"{int(np.mean(sent)):,}")
         row.append(f"{run['wall_seconds']:.0f}")
-        row.append("–" if run.get("cpu_seconds") is None else f"{run['cpu_seconds']:.0f}")
         cells.append(row)
     for i in range(len(sites)):
         columns.append(([r["sites"][i]["auc"] for r in summary["runs"]], True))
@@ -232,7 +228,7 @@ def to_markdown(summary: dict[str, Any]) -> str:
         f"{len(summary['runs'])} strategies × {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
         f"{summary['rounds']} rounds × {summary['local_epochs']} local epochs, partial fine-tuning at "
         f"freeze-blocks {summary['freeze_blocks']}, engine `{summary['engine']}`, data `{summary['data_dir']}`; "
-        f"{summary['wall_seconds'] / 60:.1f} min wall in all ({summary['cpu_seconds'] / 60:.1f} CPU-min of jobs).", "",
+        f"{summary['wall_seconds'] / 60:.1f} min wall in all.", "",
         "## Test AUC per site", "",
         "Mean ± sd over seeds; **bold** = best in the column (AUC, balanced accuracy: highest; ECE: lowest). "
         "A gap smaller than the sd is not a gap.", "",
