@@ -26,13 +26,14 @@ import hashlib
 import json
 import os
 import tempfile
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from client.lru import BoundedLRU
 
 CACHE_VERSION = 1
 
@@ -63,29 +64,11 @@ class Entry:
         return int(self.features.nbytes + sum(a.nbytes for a in self.extra.values()))
 
 
-class MemoryLayer:
+class MemoryLayer(BoundedLRU[Entry]):
     """A bounded LRU of cache entries, by file path. Bounded by `limit_bytes` (0 = off)."""
 
     def __init__(self, limit_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
-
-    def get(self, path: Path) -> Entry | None:
-        entry = self._entries.get(str(path))
-        if entry is not None:
-            self._entries.move_to_end(str(path))
-        return entry
-
-    def put(self, path: Path, entry: Entry) -> None:
-        self._entries.pop(str(path), None)
-        if entry.nbytes > self.limit_bytes:
-            return
-        self._entries[str(path)] = entry
-        while sum(e.nbytes for e in self._entries.values()) > self.limit_bytes:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
+        super().__init__(limit_bytes, size=lambda entry: entry.nbytes)
 
 
 # One memory layer per process: a Simulation Engine actor serves its site round after round.

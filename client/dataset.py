@@ -29,13 +29,13 @@ import hashlib
 import math
 import os
 import re
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from client.lru import BoundedLRU
 from common.dicom import DicomImage, DicomReadError, read_image
 from common.preprocess import Preprocessor
 
@@ -200,7 +200,7 @@ def _read_row(site_dir: Path, row: _Row) -> tuple[str | None, DicomImage | None]
         what = "file not found" if not path.exists() else "not a regular file"
         return f"{what}: {path} (image paths are relative to the site folder)", None
     try:
-        image = _DECODED.read(path)
+        image = _read_image_remembered(path)
     except DicomReadError as exc:
         return exc.reason, None
     if row.roi_xy is not None:
@@ -214,32 +214,21 @@ def _read_row(site_dir: Path, row: _Row) -> tuple[str | None, DicomImage | None]
     return None, image
 
 
-class _DecodedImages:
-    """Decoded images by (path, size, mtime), least recently used out first once over `limit_mb`."""
-
-    def __init__(self, limit_mb: int) -> None:
-        self.limit_bytes = limit_mb * 2**20
-        self.images: OrderedDict[tuple, DicomImage] = OrderedDict()
-        self.nbytes = 0
-
-    def read(self, path: Path) -> DicomImage:
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        if key in self.images:
-            self.images.move_to_end(key)
-            return self.images[key]
+def _read_image_remembered(path: Path) -> DicomImage:
+    """`read_image`, remembered per process while the file is unchanged (size and mtime)."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    image = _DECODED.get(key)
+    if image is None:
         image = read_image(path)  # errors are not remembered
-        self.images[key] = image
-        self.nbytes += image.values.nbytes
-        while self.nbytes > self.limit_bytes and len(self.images) > 1:
-            self.nbytes -= self.images.popitem(last=False)[1].values.nbytes
-        return image
+        _DECODED.put(key, image)
+    return image
 
 
 # Before round 1 a site answers two queries from the same files (its HU histogram, then the
 # pretrained features of its CNN inputs): the second need not decode them again. Images are
 # never mutated downstream. 256 MB holds ~2,500 160x160 CT slices.
-_DECODED = _DecodedImages(limit_mb=256)
+_DECODED: BoundedLRU[DicomImage] = BoundedLRU(256 * 2**20, size=lambda image: image.values.nbytes)
 
 
 def _read_labels(csv_path: Path, skipped: list[Skipped]) -> list[_Row]:

@@ -126,3 +126,12 @@ def test_cache_file_is_written_atomically_and_reloads(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["prefix-k.npz"]
     again = FeatureCache(tmp_path, "k").get(["b"], lambda idx: pytest.fail("should be cached"))
     np.testing.assert_array_equal(again, out[1:])
+
+
+def test_memory_layer_counts_a_replaced_entry_once():
+    layer = MemoryLayer(limit_bytes=1000)
+    entry = lambda n: Entry([], np.zeros(n, np.uint8), {})  # noqa: E731
+    layer.put(Path("a"), entry(400))
+    layer.put(Path("a"), entry(400))  # the same file again: 400 bytes held, not 800
+    layer.put(Path("b"), entry(500))
+    assert layer.get(Path("a")) is not None and layer.get(Path("b")) is not None

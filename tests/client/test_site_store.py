@@ -27,8 +27,7 @@ def folder(tmp_path):
 def fresh_process() -> None:
     """What a new process (a Deployment Engine message, another actor) starts from."""
     dataset._LOADED.clear()
-    dataset._DECODED.images.clear()
-    dataset._DECODED.nbytes = 0
+    dataset._DECODED.clear()
 
 
 def test_a_new_process_loads_the_same_arrays_without_reading_dicom(folder, tmp_path, monkeypatch):
