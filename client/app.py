@@ -22,6 +22,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.cache import cache_folder
 from client.dataset import SiteData, load_site_cached
 from client.features import SiteInputs, site_inputs
 from client.local_state import LocalStateStore
@@ -61,6 +62,11 @@ def site_folder(context: Context, cfg: RunConfig) -> Path:
     return sites[pid]
 
 
+def own_name(context: Context, folder: Path) -> str:
+    """The site's name: as provisioned (deployment node config `site-name`), else its folder's name."""
+    return str(context.node_config.get("site-name", folder.resolve().name))
+
+
 def work_folder(context: Context, cfg: RunConfig, site: str) -> Path:
     """Where the site keeps its own files (summaries, later caches); never sent anywhere."""
     if "work-dir" in context.node_config:
@@ -96,9 +102,9 @@ def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, Effici
     run_config = {k: v for k, v in msg.content[CONFIG].items() if k not in ("server-round", FEDERATION_ID)}
     cfg = RunConfig.from_run_config(run_config)
     folder = site_folder(context, cfg)
-    name = str(context.node_config.get("site-name", folder.resolve().name))  # deployment: as provisioned
+    name = own_name(context, folder)
     data = load_site_cached(folder, site_preprocessor(cfg, folder, reference_arrays(msg).get(REFERENCE_HISTOGRAM)),
-                            cache_dir=work_folder(context, cfg, name) / "cache")
+                            cache_dir=cache_folder(work_folder(context, cfg, name)))
     data.name = name
     device = pick_device(cfg.device)
     model = build_model(cfg, device)
@@ -196,7 +202,7 @@ def query(msg: Message, context: Context) -> Message:
         raise ValueError(f"Unknown query {kind!r}; this site answers {QUERY_KINDS}.")
     cfg = RunConfig.from_run_config({k: v for k, v in config.items() if k not in ("server-round", FEDERATION_ID)})
     folder = site_folder(context, cfg)
-    name = str(context.node_config.get("site-name", folder.resolve().name))
+    name = own_name(context, folder)
     if kind == "reference":
         own = site_intensity(folder, cfg, site=name)
         records = {INTENSITY: from_numpy({HISTOGRAM: own.counts})} if cfg.spacing_mm > 0 else {}

@@ -38,6 +38,11 @@ from client.lru import BoundedLRU
 CACHE_VERSION = 1
 
 
+def cache_folder(work_dir: Path | str) -> Path:
+    """Where a site keeps what it can recompute (prefix features, preprocessed arrays): `<work-dir>/cache`."""
+    return Path(work_dir) / "cache"
+
+
 def dihedral(x: torch.Tensor, view: int) -> torch.Tensor:
     """View 0..7 of an image batch: horizontal flip if view >= 4, then view % 4 quarter turns."""
     if view >= 4:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.cache import FeatureCache, cache_key, dihedral
+from client.cache import FeatureCache, cache_folder, cache_key, dihedral
 from client.dataset import SiteData
 from client.train import Inputs, cached_inputs, first_trainable_unit, pixel_inputs
 from common.bn import bn_modules, recalibrate_bn
@@ -98,7 +98,7 @@ def site_inputs(model: EfficientNetLite0, cfg: RunConfig, data: SiteData, work_d
             adapt_prefix_bn(model, adapt_images, start, cfg.batch_size)
         return SiteInputs(pixel_inputs(model, data.x_train, views, device), pixel_inputs(model, data.x_test, 1, device),
                           unlabelled=pixel_inputs(model, data.x_unlabelled, 1, device) if cfg.label_shift else None)
-    folder = Path(work_dir) / "cache"
+    folder = cache_folder(work_dir)
     train_cache = FeatureCache(folder, _prefix_key(cfg, views, adapt_on, data.preprocessing),
                                memory_mb=cfg.cache_memory_mb)
     test_cache = FeatureCache(folder, _prefix_key(cfg, 1, adapt_on, data.preprocessing), memory_mb=cfg.cache_memory_mb)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.cache import cache_folder
 from client.dataset import load_site_cached
 from client.features import site_inputs
 from client.reference import site_preprocessor
@@ -78,7 +79,7 @@ def pretrained_moments(cfg: RunConfig, site_dir: Path, work_dir: Path, projectio
     arrays: dict[str, np.ndarray] = {}
     n = 0
     for prefix, preprocessor in variants:
-        data = load_site_cached(site_dir, preprocessor, cache_dir=Path(work_dir) / "cache")
+        data = load_site_cached(site_dir, preprocessor, cache_dir=cache_folder(work_dir))
         model = build_model(cfg, device)
         inputs = site_inputs(model, cfg, data, work_dir, device)
         found = feature_moments(model, [inputs.train, inputs.test], projection, site=site)
