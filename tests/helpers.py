@@ -103,3 +103,15 @@ def disk(
     x = ((np.arange(cols)[:, None] + sub[None, :]) * sc).reshape(-1)
     inside = ((y[:, None] - cy) ** 2 + (x[None, :] - cx) ** 2) <= radius_mm**2
     return inside.reshape(rows, supersample, cols, supersample).mean(axis=(1, 3)).astype(np.float32)
+
+
+def tiny_site(root: Path, *, name: str = "tiny", n_patients: int = 16, seed: int = 1, image_size: int = 96,
+              **spec: object) -> Path:
+    """One small synthetic site folder under `root` (real DICOM + labels.csv); `spec` overrides SiteSpec fields."""
+    from common.synth import SiteSpec, generate
+
+    fields = {"prevalence": 0.5, "spacing_mm": 0.8, "noise_hu": 10, "kernel": "smooth", "hu_offset": 0,
+              "manufacturer": "Siemens", **spec}
+    (folder,) = generate(root, sites=[SiteSpec(name=name, n_patients=n_patients, **fields)], seed=seed,
+                         image_size=image_size)
+    return folder

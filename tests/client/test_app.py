@@ -9,18 +9,14 @@ from client.train import build_model
 from common.config import RunConfig
 from common.finetune import shared_keys, site_bn_stat_keys
 from common.records import ARRAYS, to_array_record
-from common.synth import SiteSpec, generate
+from tests.helpers import tiny_site as tiny_site_in
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 @pytest.fixture(scope="module")
 def tiny_site(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    spec = SiteSpec(name="tiny", n_patients=16, prevalence=0.5, spacing_mm=0.8, noise_hu=10, kernel="smooth",
-                    hu_offset=0, manufacturer="Siemens")
-    (folder,) = generate(root, sites=[spec], seed=1, image_size=96)
-    return folder
+    return tiny_site_in(tmp_path_factory.mktemp("data"), seed=1)
 
 
 def message(cfg: RunConfig, kind: str) -> Message:

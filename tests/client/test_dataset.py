@@ -150,11 +150,9 @@ def test_public_names() -> None:
 
 def test_cached_loading_notices_a_changed_file(tmp_path):
     from client.dataset import load_site_cached
-    from common.synth import SiteSpec, generate
+    from tests.helpers import tiny_site
 
-    spec = SiteSpec(name="m", n_patients=12, prevalence=0.5, spacing_mm=0.8, noise_hu=5, kernel="smooth",
-                    hu_offset=0, manufacturer="GE")
-    (folder,) = generate(tmp_path, sites=[spec], seed=0, image_size=64)
+    folder = tiny_site(tmp_path, name="m", n_patients=12, seed=0, image_size=64, noise_hu=5, manufacturer="GE")
     prep = Preprocessor(spacing_mm=1.0, fov_mm=24.0)
     first = load_site_cached(folder, prep)
     assert load_site_cached(folder, prep) is first  # unchanged folder: remembered

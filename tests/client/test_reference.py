@@ -12,20 +12,15 @@ from common.config import RunConfig
 from common.harmonize import N_BINS, HarmonizationWarning
 from common.records import from_numpy
 from common.feature_shift import projection
-from common.synth import SiteSpec, generate
 from tests.client.test_app import message
-from tests.helpers import write_dicom
+from tests.helpers import tiny_site as tiny_site_in, write_dicom
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 @pytest.fixture(scope="module")
 def tiny_site(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    spec = SiteSpec(name="tiny", n_patients=16, prevalence=0.5, spacing_mm=0.8, noise_hu=10, kernel="sharp",
-                    hu_offset=60, manufacturer="GE")
-    (folder,) = generate(root, sites=[spec], seed=1, image_size=96)
-    return folder
+    return tiny_site_in(tmp_path_factory.mktemp("data"), seed=1, kernel="sharp", hu_offset=60, manufacturer="GE")
 
 
 def context(folder, tmp_path):

@@ -8,16 +8,14 @@ import pytest
 from client import dataset, site_store
 from client.dataset import load_site, load_site_cached
 from common.preprocess import Preprocessor
-from common.synth import SiteSpec, generate
+from tests.helpers import tiny_site
 
 PREP = Preprocessor(spacing_mm=1.0, fov_mm=24.0)
 
 
 @pytest.fixture()
 def folder(tmp_path):
-    spec = SiteSpec(name="s", n_patients=12, prevalence=0.5, spacing_mm=0.8, noise_hu=5, kernel="smooth",
-                    hu_offset=0, manufacturer="GE")
-    (site,) = generate(tmp_path / "data", sites=[spec], seed=0, image_size=64)
+    site = tiny_site(tmp_path / "data", name="s", n_patients=12, seed=0, image_size=64, noise_hu=5, manufacturer="GE")
     (site / "images" / "extra.dcm").write_bytes(b"not a dicom")  # a bad file is recorded as skipped
     with open(site / "labels.csv", "a") as f:
         f.write("images/extra.dcm,1,train\n")
