@@ -62,7 +62,7 @@ class SameConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = same_padding(tuple(x.shape[-2:]), self.kernel_size, self.stride)
-        if pads[0] == pads[1] and pads[2] == pads[3]:  # symmetric (1x1, stride 1): the conv pads, no copy
+        if pads[0] == pads[1] and pads[2] == pads[3]:  # symmetric (every stride-1 conv): the conv pads itself, no copy
             return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]), self.dilation, self.groups)
         return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 

@@ -149,10 +149,6 @@ def run_job(job: Job) -> dict[str, Any]:
     Only wall time is reported: a federation's work runs in Flower's Ray actors, outside
     this process, so this process's CPU time would understate it.
     """
-    return _run_job(job)
-
-
-def _run_job(job: Job) -> dict[str, Any]:
     from server.centralised import run_local, run_pooled
 
     cfg = RunConfig.from_run_config(job.config)
