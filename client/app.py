@@ -103,12 +103,13 @@ def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, Effici
     cfg = RunConfig.from_run_config(run_config)
     folder = site_folder(context, cfg)
     name = own_name(context, folder)
+    work = work_folder(context, cfg, name)
     data = load_site_cached(folder, site_preprocessor(cfg, folder, reference_arrays(msg).get(REFERENCE_HISTOGRAM)),
-                            cache_dir=cache_folder(work_folder(context, cfg, name)))
+                            cache_dir=cache_folder(work))
     data.name = name
     device = pick_device(cfg.device)
     model = build_model(cfg, device)
-    inputs = site_inputs(model, cfg, data, work_folder(context, cfg, data.name), device)
+    inputs = site_inputs(model, cfg, data, work, device)
     state = from_array_record(msg.content[ARRAYS])
     local = load_local_state(msg, context, cfg, data.name)
     if local is not None:
