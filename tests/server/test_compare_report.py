@@ -103,3 +103,14 @@ def test_mean_sd_ignores_undefined_values():
     assert mean_sd([0.5, None, float("nan"), 0.7]) == (0.6, pytest.approx(0.141421, abs=1e-6))
     assert mean_sd([None]) == (None, None)
     assert mean_sd([0.3]) == (0.3, 0.0)
+
+
+def test_one_seed_claims_nothing_beyond_an_sd():
+    from server.compare_report import gaps
+
+    def run(auc):
+        return {"kind": "federated", "name": None, "seed": 0, "sites": [{"name": "c", "auc": auc}]}
+
+    results = [{**run(0.9), "name": "fedbn"}, {**run(0.7), "name": "local"}]
+    (gap,) = gaps(results, ["fedbn", "local"], ["c"], "c", [])  # fedbn above local on the smallest site
+    assert gap["holds"] and gap["mean"] == pytest.approx(0.2) and not gap["beyond_sd"]
