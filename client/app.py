@@ -27,6 +27,7 @@ from client.dataset import SiteData, load_site_cached
 from client.features import SiteInputs, site_inputs
 from client.local_state import LocalStateStore
 from client.moments import feature_moments, pretrained_moments
+from client.outputs import SiteOutputs
 from client.reference import site_intensity, site_preprocessor
 from client.site_shift import evaluate_site
 from client.train import build_model, fit, pick_device
@@ -183,12 +184,13 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_(msg: Message, context: Context) -> Message:
     cfg, data, model, inputs = prepare(msg, context)
     final = int(msg.content[CONFIG]["server-round"]) >= cfg.num_server_rounds
-    metrics = evaluate_site(model, inputs, data, cfg, pick_device(cfg.device), prior_train=training_prior(msg),
-                            final=final, work_dir=work_folder(context, cfg, data.name))
+    outputs = SiteOutputs(model, inputs, pick_device(cfg.device))
+    metrics = evaluate_site(model, outputs, data, cfg, prior_train=training_prior(msg), final=final,
+                            work_dir=work_folder(context, cfg, data.name))
     projection = reference_arrays(msg).get(PROJECTION)
     if projection is None:
         return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics})
-    moments = feature_moments(model, [inputs.train, inputs.test], projection, site=data.name)
+    moments = feature_moments(outputs.features("train", "test"), projection, site=data.name)
     metrics[N_FEATURES] = 0 if moments is None else moments.n
     return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics}, moments=moments,
                  shift_dim=cfg.shift_dim)
@@ -205,7 +207,7 @@ def query(msg: Message, context: Context) -> Message:
     folder = site_folder(context, cfg)
     name = own_name(context, folder)
     if kind == "reference":
-        own = site_intensity(folder, cfg, site=name)
+        own = site_intensity(folder, cfg, site=name, inputs_cache=cache_folder(work_folder(context, cfg, name)))
         records = {INTENSITY: from_numpy({HISTOGRAM: own.counts})} if cfg.spacing_mm > 0 else {}
         return query_reply(msg, name, kind, cfg, records, own.metrics(), REFERENCE_METRICS)
     reference = reference_arrays(msg)

@@ -25,6 +25,7 @@ the rest loads. Only a missing or unusable labels.csv is fatal
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import math
 import os
@@ -37,7 +38,7 @@ import numpy as np
 
 from client.lru import BoundedLRU
 from common.dicom import DicomImage, DicomReadError, read_image
-from common.preprocess import Preprocessor
+from common.preprocess import Preprocessor, Stack
 
 LABEL_COLUMNS = ("image", "label", "split", "roi_x", "roi_y")
 REQUIRED_COLUMNS = ("image", "label", "split")
@@ -122,7 +123,7 @@ class _Row:
 
 def load_site(
     site_dir: Path,
-    preprocessor: Preprocessor,
+    preprocessor: Preprocessor | Stack,
     *,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> SiteData:
@@ -164,9 +165,12 @@ def load_site(
         if on_progress is not None:
             on_progress(done, len(rows))
 
+    made = [xs[0] for xs, _, _ in buckets.values() if xs]
+    n_channels = made[0].shape[0] if made else 3  # an empty split matches the others (a Stack has more than 3)
+
     def stack(key: str) -> tuple[np.ndarray, np.ndarray]:
         xs, ys, _ = buckets[key]
-        x = np.stack(xs).astype(np.float32, copy=False) if xs else np.zeros((0, 3, size, size), np.float32)
+        x = np.stack(xs).astype(np.float32, copy=False) if xs else np.zeros((0, n_channels, size, size), np.float32)
         return x, np.asarray(ys, dtype=np.int64).reshape(-1)
 
     x_train, y_train = stack("train")
@@ -355,15 +359,38 @@ def load_site_cached(site_dir: Path, preprocessor: Preprocessor, *, cache_dir: P
     from client import site_store
 
     fingerprint = folder_fingerprint(Path(site_dir))
-    key = (str(Path(site_dir).resolve()), repr(preprocessor), fingerprint)
+    key = _loaded_key(site_dir, repr(preprocessor), fingerprint)
     if key not in _LOADED:
-        while len(_LOADED) >= MAX_LOADED:
-            _LOADED.pop(next(iter(_LOADED)))
         path = None if cache_dir is None else site_store.store_path(cache_dir, repr(preprocessor), fingerprint)
         data = None if path is None else site_store.load(path)
         if data is None:
-            data = load_site(site_dir, preprocessor)
-            if path is not None:
-                site_store.save(path, data)
-        _LOADED[key] = data
+            remember_site(site_dir, load_site(site_dir, preprocessor), fingerprint=fingerprint, cache_dir=cache_dir)
+        else:
+            remember_site(site_dir, data, fingerprint=fingerprint)
     return _LOADED[key]
+
+
+def remember_site(site_dir: Path, data: SiteData, *, fingerprint: tuple, cache_dir: Path | None = None) -> None:
+    """Let `load_site_cached` find `data` (made from `site_dir` as it was at `fingerprint`).
+
+    Kept in this process and, with `cache_dir`, in the site's array store: for arrays made by
+    another pass over the same files (`client.reference` reads every image for the HU
+    histogram and keeps the CNN inputs of that same read).
+    """
+    from client import site_store
+
+    while len(_LOADED) >= MAX_LOADED:
+        _LOADED.pop(next(iter(_LOADED)))
+    _LOADED[_loaded_key(site_dir, data.preprocessing, fingerprint)] = data
+    if cache_dir is not None:
+        site_store.save(site_store.store_path(cache_dir, data.preprocessing, fingerprint), data)
+
+
+def _loaded_key(site_dir: Path, preprocessing: str, fingerprint: tuple) -> tuple:
+    return (str(Path(site_dir).resolve()), preprocessing, fingerprint)
+
+
+def channels(data: SiteData, which: slice, preprocessing: str) -> SiteData:
+    """The arrays of `data` restricted to channels `which` (one part of a `Stack`), as made by `preprocessing`."""
+    return dataclasses.replace(data, preprocessing=preprocessing, **{
+        name: np.ascontiguousarray(getattr(data, name)[:, which]) for name in ("x_train", "x_test", "x_unlabelled")})

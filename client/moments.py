@@ -15,45 +15,25 @@ to k dimensions and sends only their mean (k,) and covariance (k, k)
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from client.cache import cache_folder
 from client.dataset import load_site_cached
 from client.features import site_inputs
-from client.reference import site_preprocessor
-from client.train import Inputs, build_model, pick_device
+from client.reference import raw_preprocessor, site_preprocessor
+from client.outputs import SiteOutputs
+from client.train import build_model, pick_device
 from common.config import RunConfig
-from common.efficientnet_lite import EfficientNetLite0
-from common.preprocess import Preprocessor
 from common.records import HARMONIZED, RAW, moment_keys
 from common.feature_shift import MIN_SAMPLES, Moments, moments
 
 log = logging.getLogger("fedrad.site")
 
 
-@torch.no_grad()
-def penultimate_features(model: EfficientNetLite0, inputs: Sequence[Inputs], batch_size: int = 64) -> np.ndarray:
-    """(N, 1280) float32: the classifier's input for every image of `inputs` (view 0, eval mode)."""
-    captured: list[torch.Tensor] = []
-    hook = model._fc.register_forward_hook(lambda module, args, output: captured.append(args[0].float().cpu()))
-    model.eval()
-    try:
-        for part in inputs:
-            for i in range(0, part.n, batch_size):
-                part.forward(part.batch(torch.arange(i, min(i + batch_size, part.n)), 0))
-    finally:
-        hook.remove()
-    return torch.cat(captured).numpy() if captured else np.zeros((0, model._fc.in_features), np.float32)
-
-
-def feature_moments(model: EfficientNetLite0, inputs: Sequence[Inputs], projection: np.ndarray, *,
-                    site: str) -> Moments | None:
-    """Moments of the projected penultimate features, or None (logged) with too few images."""
-    features = penultimate_features(model, inputs)
+def feature_moments(features: np.ndarray, projection: np.ndarray, *, site: str) -> Moments | None:
+    """Moments of the projected penultimate features (N, 1280), or None (logged) with too few images."""
     if len(features) < MIN_SAMPLES:
         log.warning("site %s: only %d images, fewer than %d: it sends no feature moments (no shift score).",
                     site, len(features), MIN_SAMPLES)
@@ -72,7 +52,7 @@ def pretrained_moments(cfg: RunConfig, site_dir: Path, work_dir: Path, projectio
     if projection is None:
         raise ValueError(f"site {site}: the shift query carries no projection; coordinator and site must run "
                          "the same fedrad version.")
-    variants = [(RAW, Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))]
+    variants = [(RAW, raw_preprocessor(cfg))]
     if cfg.harmonize != "off":
         variants.append((HARMONIZED, site_preprocessor(cfg, site_dir, reference, site=site)))
     device = pick_device(cfg.device)
@@ -82,7 +62,7 @@ def pretrained_moments(cfg: RunConfig, site_dir: Path, work_dir: Path, projectio
         data = load_site_cached(site_dir, preprocessor, cache_dir=cache_folder(work_dir))
         model = build_model(cfg, device)
         inputs = site_inputs(model, cfg, data, work_dir, device)
-        found = feature_moments(model, [inputs.train, inputs.test], projection, site=site)
+        found = feature_moments(SiteOutputs(model, inputs, device).features("train", "test"), projection, site=site)
         if found is not None:
             arrays.update(zip(moment_keys(prefix), (found.mean, found.cov)))
             n = found.n

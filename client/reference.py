@@ -9,7 +9,8 @@ it (`common.harmonize.IntensityMatch`) before the CT windows.
 The histogram is taken over the training and unlabelled images (not the test split, so
 the map is fitted without looking at what is scored). It is recomputed from the site's
 own files on demand and remembered per process (a few sites, while their folders are
-unchanged): nothing about it needs to persist.
+unchanged): nothing about it needs to persist. The same read also yields the site's raw CNN
+inputs (`raw_preprocessor`), kept for the next query so it does not decode every file again.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from client.dataset import folder_fingerprint, load_site
+from client.dataset import channels, folder_fingerprint, load_site, remember_site
 from common.config import RunConfig
 from common.dicom import DicomImage
 from common.harmonize import HarmonizationWarning, IntensityMatch, intensity_histogram, validate_counts
-from common.preprocess import Preprocessor
+from common.preprocess import Preprocessor, Stack
 
 log = logging.getLogger("fedrad.site")
 
@@ -75,11 +76,19 @@ _MEMO: dict[tuple, SiteIntensity] = {}
 MAX_MEMO = 32  # a histogram is 16 kB: an actor serving several sites keeps all of theirs
 
 
-def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None) -> SiteIntensity:
+def raw_preprocessor(cfg: RunConfig) -> Preprocessor:
+    """The CNN preprocessing of this run without any intensity map (harmonize off)."""
+    return Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm)
+
+
+def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None,
+                   inputs_cache: Path | None = None) -> SiteIntensity:
     """The site's histogram (at the run's spacing and field of view) and spacing summary.
 
     With `spacing-mm = 0` (the coordinator has not chosen the spacing yet) only the
-    spacing summary is meaningful; the histogram is then empty.
+    spacing summary is meaningful; the histogram is then empty. With `inputs_cache` (the
+    site's cache folder) the same read of the files also makes the raw CNN inputs and keeps
+    them there for `load_site_cached`: decoding, not histogramming, is what a pass costs.
     """
     site_dir = Path(site_dir)
     site = site or site_dir.resolve().name
@@ -89,12 +98,22 @@ def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None) -
     if key not in _MEMO:
         while len(_MEMO) >= MAX_MEMO:
             _MEMO.pop(next(iter(_MEMO)))
-        _MEMO[key] = _measure(site_dir, cropper, site, want_histogram=cfg.spacing_mm > 0)
+        inputs = raw_preprocessor(cfg) if inputs_cache is not None and cfg.spacing_mm > 0 else None
+        _MEMO[key] = _measure(site_dir, cropper, site, want_histogram=cfg.spacing_mm > 0, inputs=inputs,
+                              inputs_cache=inputs_cache)
     return _MEMO[key]
 
 
-def _measure(site_dir: Path, cropper: HUCrop, site: str, *, want_histogram: bool) -> SiteIntensity:
-    data = load_site(site_dir, cropper)
+def _measure(site_dir: Path, cropper: HUCrop, site: str, *, want_histogram: bool,
+             inputs: Preprocessor | None = None, inputs_cache: Path | None = None) -> SiteIntensity:
+    if inputs is None:
+        data = load_site(site_dir, cropper)
+    else:  # one read, two results: the HU crops (channel 0) and the CNN inputs (the rest)
+        fingerprint = folder_fingerprint(site_dir)
+        both = load_site(site_dir, Stack(cropper, inputs))
+        data = channels(both, slice(0, 1), repr(cropper))
+        remember_site(site_dir, channels(both, slice(1, None), repr(inputs)), fingerprint=fingerprint,
+                      cache_dir=inputs_cache)
     spacings = np.sqrt(np.prod(data.spacings_mm, axis=1)) if len(data.spacings_mm) else np.array([np.nan])
     summary = (float(np.median(spacings)), float(np.min(spacings)), float(np.max(spacings)))
     counts = np.zeros_like(intensity_histogram(np.zeros(0)))
@@ -125,7 +144,7 @@ def site_preprocessor(cfg: RunConfig, site_dir: Path, reference: np.ndarray | No
                       site: str | None = None) -> Preprocessor:
     """The CNN preprocessing of this run: with `harmonize` on, HU mapped onto `reference` first."""
     if cfg.harmonize == "off":
-        return Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm)
+        return raw_preprocessor(cfg)
     site = site or Path(site_dir).resolve().name
     if reference is None:
         raise ValueError(f"site {site}: harmonize = '{cfg.harmonize}' but the coordinator sent no reference "

@@ -7,6 +7,9 @@ same input). :class:`Preprocessor` composes them:
     ResampleCrop -> WindowChannels (CT) | RobustScaleChannels (others)
                  -> NormalizeForBackbone
 
+:class:`Stack` runs several of them on one decoded image (one pass over a site's files
+for two purposes).
+
 Geometry convention (used by every site, so that a lesion of a given size in
 mm covers the same number of network pixels everywhere): pixel (r, c) of an
 image with spacing (sr, sc) mm covers [r*sr, (r+1)*sr) x [c*sc, (c+1)*sc) mm,
@@ -292,3 +295,32 @@ class Preprocessor:
         else:
             channels = self.robust(crop, reference=_subsample(image.values))
         return self.normalize(channels)
+
+
+class Stack:
+    """Several preprocessors applied to one decoded image, outputs stacked along channels.
+
+    WHY: decoding a DICOM costs more than everything done to it afterwards. A site's first
+    pass over its files (its HU histogram) and its CNN inputs start from the same decoded
+    images; stacking lets one pass produce both, split again by channel afterwards.
+
+    Attributes:
+        parts: The preprocessors, in channel order; all of the same output size.
+        size: Their common output side in pixels.
+    """
+
+    def __init__(self, *parts: Callable[..., np.ndarray]) -> None:
+        if not parts:
+            raise ValueError("Stack needs at least one preprocessor")
+        sizes = {getattr(part, "size", None) for part in parts}
+        if len(sizes) != 1 or None in sizes:
+            raise ValueError(f"Stack's preprocessors must share one output size, got {sizes}")
+        self.parts = parts
+        self.size: int = sizes.pop()
+
+    def __repr__(self) -> str:
+        return f"Stack({', '.join(map(repr, self.parts))})"
+
+    def __call__(self, image: DicomImage, center_rc: tuple[float, float] | None = None) -> np.ndarray:
+        """Return float32 (sum of the parts' channels, size, size)."""
+        return np.concatenate([part(image, center_rc) for part in self.parts]).astype(np.float32, copy=False)

@@ -105,3 +105,32 @@ def test_a_site_with_a_constant_image_and_too_few_pixels_warns_and_trains(tiny_s
     msg.content["reference"] = from_numpy({"reference-histogram": own.counts})
     out = site_app.train(msg, context(folder, tmp_path)).content  # trains, no crash
     assert dict(out["metrics"])["n-train"] == (folder / "labels.csv").read_text().count(",train,")
+
+
+def test_the_histogram_pass_keeps_the_raw_cnn_inputs_so_the_next_load_decodes_nothing(tiny_site, tmp_path,
+                                                                                      monkeypatch):
+    import client.dataset as dataset
+    from client.dataset import load_site, load_site_cached
+    from client.reference import _MEMO, raw_preprocessor
+
+    cfg = RunConfig(spacing_mm=0.5, fov_mm=16.0)
+    alone = site_intensity(tiny_site, cfg)
+    _MEMO.clear()
+    dataset._LOADED.clear()
+    teed = site_intensity(tiny_site, cfg, inputs_cache=tmp_path / "cache")
+    np.testing.assert_array_equal(teed.counts, alone.counts)
+    assert (teed.n_images, teed.spacing_mm) == (alone.n_images, alone.spacing_mm)
+    assert len(list((tmp_path / "cache").glob("pixels-*.npz"))) == 1
+    fresh = load_site(tiny_site, raw_preprocessor(cfg))
+    dataset._LOADED.clear()  # a new process: only the site's own store is left
+
+    def no_decoding(path):
+        raise AssertionError(f"{path} decoded again")
+
+    monkeypatch.setattr(dataset, "read_image", no_decoding)
+    monkeypatch.setattr(dataset, "_DECODED", dataset.BoundedLRU(1, size=lambda image: 2))
+    kept = load_site_cached(tiny_site, raw_preprocessor(cfg), cache_dir=tmp_path / "cache")
+    for name in ("x_train", "x_test", "x_unlabelled", "y_train", "y_test"):
+        np.testing.assert_array_equal(getattr(kept, name), getattr(fresh, name), err_msg=name)
+    assert (kept.keys_train, kept.keys_test, kept.preprocessing) == (fresh.keys_train, fresh.keys_test,
+                                                                     fresh.preprocessing)

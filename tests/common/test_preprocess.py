@@ -14,6 +14,7 @@ from common.preprocess import (
     Preprocessor,
     ResampleCrop,
     RobustScaleChannels,
+    Stack,
     WindowChannels,
 )
 from tests.helpers import disk, write_dicom
@@ -207,3 +208,14 @@ def test_transform_contract(name: str, transform, kind: str) -> None:
     assert out1.dtype == np.float32 and out1.shape == SHAPES[name]
     np.testing.assert_array_equal(out1, out2)  # deterministic
     assert np.isfinite(out1).all()
+
+
+def test_stack_concatenates_its_parts_and_checks_their_size():
+    image = _image(np.linspace(-1000, 1000, 64 * 64).reshape(64, 64), (0.7, 0.7))
+    a, b = Preprocessor(spacing_mm=0.5, fov_mm=16.0), Preprocessor(spacing_mm=0.5, fov_mm=16.0, ct_windows=(
+        (0.0, 100.0), (50.0, 200.0), (100.0, 300.0)))
+    out = Stack(a, b)(image, (30.0, 31.0))
+    np.testing.assert_array_equal(out, np.concatenate([a(image, (30.0, 31.0)), b(image, (30.0, 31.0))]))
+    assert repr(Stack(a, b)) == f"Stack({a!r}, {b!r})" and Stack(a, b).size == a.size
+    with pytest.raises(ValueError, match="one output size"):
+        Stack(a, Preprocessor(spacing_mm=1.0, fov_mm=16.0))
