@@ -38,15 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.special import log_softmax
 from sklearn.metrics import roc_auc_score
 
 from client.dataset import SiteData
-from client.features import SiteInputs
 from client.folds import can_calibrate, two_folds
+from client.outputs import SiteOutputs
 from client.personalise import disagreement, head_probs, personalise_head
-from client.train import NUM_CLASSES, Inputs, autocast
+from client.train import NUM_CLASSES
 from common.calibration import BCTS, fit_bcts
 from common.config import RunConfig
 from common.efficientnet_lite import EfficientNetLite0
@@ -57,27 +56,6 @@ from common.shift_flags import FALLBACK, ShiftFlag, describe
 MIN_UNLABELLED = 30  # unlabelled images needed before EM's estimate replaces the labelled prior
 MIN_CONCEPT_TEST = 80  # labelled test images needed to judge concept shift (disagreement's SE ~ 0.04 there)
 log = logging.getLogger("fedrad.site")
-
-
-@torch.no_grad()
-def model_outputs(model: EfficientNetLite0, inputs: Inputs | None, device: torch.device,
-                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, K) and penultimate features (N, D) of images (view 0), in eval mode."""
-    features: list[torch.Tensor] = []
-    logits: list[torch.Tensor] = []
-    n = 0 if inputs is None else inputs.n
-    if inputs is None or n == 0:
-        return np.zeros((0, NUM_CLASSES)), np.zeros((0, model._fc.in_features))
-    hook = model._fc.register_forward_hook(lambda _m, args, _out: features.append(args[0].float().cpu()))
-    model.eval()
-    try:
-        for i in range(0, n, batch_size):
-            with autocast(device):
-                out = inputs.forward(inputs.batch(torch.arange(i, min(i + batch_size, n)), 0))
-            logits.append(out.float().cpu())
-    finally:
-        hook.remove()
-    return torch.cat(logits).double().numpy(), torch.cat(features).double().numpy()
 
 
 def train_log_posteriors(logits: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarray:
@@ -107,23 +85,25 @@ class SiteCorrection:
     calibrate: BCTS | None = field(default=None)  # fitted on all test images: the map the site keeps
 
 
-def evaluate_site(model: EfficientNetLite0, inputs: SiteInputs, data: SiteData, cfg: RunConfig,
-                  device: torch.device, *, prior_train: np.ndarray | None, final: bool,
-                  work_dir: Path) -> dict[str, float]:
-    """Test metrics of the global model under π_train; in the last round also the label-shift analysis."""
+def evaluate_site(model: EfficientNetLite0, outputs: SiteOutputs, data: SiteData, cfg: RunConfig, *,
+                  prior_train: np.ndarray | None, final: bool, work_dir: Path) -> dict[str, float]:
+    """Test metrics of the global model under π_train; in the last round also the label-shift analysis.
+
+    `outputs` are the model's outputs on this site's inputs (`client.outputs`).
+    """
     ref, flags = reference_prior(prior_train, data.y_train)
-    z_test, f_test = model_outputs(model, inputs.test, device)
+    z_test, f_test = outputs("test")
     g_test = train_log_posteriors(z_test, ref, cfg.logit_adjust)
     metrics = classification_metrics(data.y_test, np.exp(g_test[:, 1]))
     if not (final and cfg.label_shift):
         return metrics
-    z_unl, _ = model_outputs(model, inputs.unlabelled, device)
+    z_unl, _ = outputs("unlabelled")
     folds = two_folds(data.keys_test, data.y_test, seed=cfg.seed)
     fix = correct_site(g_test, data.y_test, folds, train_log_posteriors(z_unl, ref, cfg.logit_adjust), ref,
                        _counts_prior(data.y_train), flags)
     out, flags = fix.metrics, fix.flags
     if cfg.personalise_steps:
-        _, f_lab = model_outputs(model, inputs.train, device)
+        _, f_lab = outputs("train")
         bias = model._fc.bias.detach().double().cpu().numpy() + cfg.logit_adjust * np.log(ref)
         personal, head = personalise_site(f_lab, data.y_train, f_test, data.y_test, folds, fix.reference,
                                           model._fc.weight.detach().double().cpu().numpy(), bias, cfg)
