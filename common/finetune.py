@@ -111,7 +111,12 @@ def param_groups(model: EfficientNetLite0, *, lr_max: float, lr_decay: float) ->
 
 
 def make_optimizer(model: EfficientNetLite0, groups: list[ParamGroup], weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with one group per depth level; no weight decay on BN and biases."""
+    """AdamW with one group per depth level; no weight decay on BN and biases.
+
+    `fused=True`: one kernel updates every tensor of a group (CPU and CUDA). A cached step's
+    suffix is small, so the per-tensor loop of the default implementation was 12 % of it
+    (measured: cached epoch 0.71 -> 0.64 s on one thread, 325 images).
+    """
     params = dict(model.named_parameters())
     no_decay = bn_state_keys(model) | {n for n in params if n.endswith(".bias")}
     torch_groups = []
@@ -122,7 +127,7 @@ def make_optimizer(model: EfficientNetLite0, groups: list[ParamGroup], weight_de
             torch_groups.append({"params": decay, "lr": group.lr, "weight_decay": weight_decay})
         if plain:
             torch_groups.append({"params": plain, "lr": group.lr, "weight_decay": 0.0})
-    return torch.optim.AdamW(torch_groups)
+    return torch.optim.AdamW(torch_groups, fused=True)
 
 
 def check_bn_mode(bn_mode: str) -> None:
