@@ -112,8 +112,8 @@ def default_sites() -> list[SiteSpec]:
     one prefix pass each. At 0.9 prevalence ±0.02 in the prior is ±0.25 in log-odds, as much
     miscalibration as the correction removes, and the ECE of 350 perfectly calibrated
     posteriors is already ~0.02: with 325 / 350 images site-b's ECE gain could not be told
-    from noise (1.3-2.4x in five runs), with ~1000 / ~700 it can (EM error <= 0.004, ECE
-    2.7-5.8x lower in three seeds);
+    from noise (1.3-2.4x in five runs), with ~1000 / ~700 it can (EM error <= 0.005, ECE
+    3.6-7.2x lower in three seeds);
     site-c is small and low-prevalence (the site that gains most from federation): 48
     labelled training images, 10 of them malignant;
     site-d stores values at slope 0.5, so its raw integers are not HU, and its scanner reads
