@@ -22,8 +22,8 @@ import numpy as np
 from client.cache import cache_folder
 from client.dataset import load_site_cached
 from client.features import site_inputs
-from client.reference import raw_preprocessor, site_preprocessor
 from client.outputs import SiteOutputs
+from client.reference import raw_preprocessor, site_preprocessor
 from client.train import build_model, pick_device
 from common.config import RunConfig
 from common.records import HARMONIZED, RAW, moment_keys
