@@ -230,8 +230,10 @@ def _read_image_remembered(path: Path) -> DicomImage:
 
 
 # Before round 1 a site answers two queries from the same files (its HU histogram, then the
-# pretrained features of its CNN inputs): the second need not decode them again. Images are
-# never mutated downstream. 256 MB holds ~2,500 160x160 CT slices.
+# pretrained features of its CNN inputs). The raw inputs come from the first query's read
+# (`client.reference`); with harmonize on, the harmonised ones need the files again, and when
+# the same process serves both queries this memo spares that decode. Images are never
+# mutated downstream. 256 MB holds ~2,500 160x160 CT slices.
 _DECODED: BoundedLRU[DicomImage] = BoundedLRU(256 * 2**20, size=lambda image: image.values.nbytes)
 
 
