@@ -134,3 +134,30 @@ def test_the_histogram_pass_keeps_the_raw_cnn_inputs_so_the_next_load_decodes_no
         np.testing.assert_array_equal(getattr(kept, name), getattr(fresh, name), err_msg=name)
     assert (kept.keys_train, kept.keys_test, kept.preprocessing) == (fresh.keys_train, fresh.keys_test,
                                                                      fresh.preprocessing)
+
+
+def test_before_round_one_each_file_is_decoded_once_even_across_processes(tiny_site, tmp_path, monkeypatch):
+    """The reference query's read also yields the CNN inputs; the shift query (here as if in a fresh process,
+    as in the Deployment Engine or on another Simulation actor) finds them in the site's store."""
+    import client.dataset as dataset
+    import client.reference as reference_module
+
+    decoded = []
+    real = dataset.read_image
+    monkeypatch.setattr(dataset, "read_image", lambda path: decoded.append(path) or real(path))
+
+    def fresh_process():
+        reference_module._MEMO.clear()
+        dataset._LOADED.clear()
+        dataset._DECODED.clear()
+
+    cfg = RunConfig(fov_mm=32.0, out_dir=str(tmp_path), shift_dim=8)
+    fresh_process()
+    out = site_app.query(query(cfg, "reference"), context(tiny_site, tmp_path)).content
+    n_files = len(list(tiny_site.rglob("*.dcm")))
+    assert len(decoded) == n_files > 0
+    fresh_process()
+    reference = {"reference-histogram": out["intensity"]["histogram"].numpy(),
+                 "projection": projection(1280, 8, seed=0)}
+    site_app.query(query(cfg, "shift", reference), context(tiny_site, tmp_path))
+    assert len(decoded) == n_files  # nothing decoded again
