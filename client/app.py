@@ -105,8 +105,10 @@ def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, Effici
     folder = site_folder(context, cfg)
     name = own_name(context, folder)
     work = work_folder(context, cfg, name)
-    data = load_site_cached(folder, site_preprocessor(cfg, folder, reference_arrays(msg).get(REFERENCE_HISTOGRAM)),
-                            cache_dir=cache_folder(work))
+    cache = cache_folder(work)
+    preprocessor = site_preprocessor(cfg, folder, reference_arrays(msg).get(REFERENCE_HISTOGRAM), site=name,
+                                     cache_dir=cache)
+    data = load_site_cached(folder, preprocessor, cache_dir=cache)
     data.name = name
     device = pick_device(cfg.device)
     model = build_model(cfg, device)
@@ -207,7 +209,7 @@ def query(msg: Message, context: Context) -> Message:
     folder = site_folder(context, cfg)
     name = own_name(context, folder)
     if kind == "reference":
-        own = site_intensity(folder, cfg, site=name, inputs_cache=cache_folder(work_folder(context, cfg, name)))
+        own = site_intensity(folder, cfg, site=name, cache_dir=cache_folder(work_folder(context, cfg, name)))
         records = {INTENSITY: from_numpy({HISTOGRAM: own.counts})} if cfg.spacing_mm > 0 else {}
         return query_reply(msg, name, kind, cfg, records, own.metrics(), REFERENCE_METRICS)
     reference = reference_arrays(msg)

@@ -54,7 +54,8 @@ def pretrained_moments(cfg: RunConfig, site_dir: Path, work_dir: Path, projectio
                          "the same fedrad version.")
     variants = [(RAW, raw_preprocessor(cfg))]
     if cfg.harmonize != "off":
-        variants.append((HARMONIZED, site_preprocessor(cfg, site_dir, reference, site=site)))
+        variants.append((HARMONIZED, site_preprocessor(cfg, site_dir, reference, site=site,
+                                                                  cache_dir=cache_folder(work_dir))))
     device = pick_device(cfg.device)
     arrays: dict[str, np.ndarray] = {}
     n = 0

@@ -7,22 +7,28 @@ During the run it receives the pooled reference histogram back and maps its own 
 it (`common.harmonize.IntensityMatch`) before the CT windows.
 
 The histogram is taken over the training and unlabelled images (not the test split, so
-the map is fitted without looking at what is scored). It is recomputed from the site's
-own files on demand and remembered per process (a few sites, while their folders are
-unchanged): nothing about it needs to persist. The same read also yields the site's raw CNN
-inputs (`raw_preprocessor`), kept for the next query so it does not decode every file again.
+the map is fitted without looking at what is scored). It is computed from the site's
+own files once per folder state and kept in the site's cache folder (`intensity-<key>.npz`,
+16 kB, keyed by the crop settings and the folder's fingerprint) and per process: with
+harmonisation on, every message needs the site's own histogram to fit its map, and in the
+Deployment Engine every message is a fresh process that would otherwise decode every file
+again. The same read also yields the site's raw CNN inputs (`raw_preprocessor`), kept in the
+site's array store so the next query does not decode the files either.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from client.dataset import channels, folder_fingerprint, load_site, remember_site
+from client.site_store import write_npz
 from common.config import RunConfig
 from common.dicom import DicomImage
 from common.harmonize import HarmonizationWarning, IntensityMatch, intensity_histogram, validate_counts
@@ -82,13 +88,14 @@ def raw_preprocessor(cfg: RunConfig) -> Preprocessor:
 
 
 def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None,
-                   inputs_cache: Path | None = None) -> SiteIntensity:
+                   cache_dir: Path | None = None) -> SiteIntensity:
     """The site's histogram (at the run's spacing and field of view) and spacing summary.
 
     With `spacing-mm = 0` (the coordinator has not chosen the spacing yet) only the
-    spacing summary is meaningful; the histogram is then empty. With `inputs_cache` (the
-    site's cache folder) the same read of the files also makes the raw CNN inputs and keeps
-    them there for `load_site_cached`: decoding, not histogramming, is what a pass costs.
+    spacing summary is meaningful; the histogram is then empty. With `cache_dir` (the site's
+    cache folder) the result is kept there, and a read of the files made for it also makes
+    the raw CNN inputs and keeps them for `load_site_cached`: decoding, not histogramming,
+    is what a pass costs.
     """
     site_dir = Path(site_dir)
     site = site or site_dir.resolve().name
@@ -96,12 +103,41 @@ def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None,
     cropper = HUCrop(spacing_mm=spacing, fov_mm=cfg.fov_mm)
     key = (str(site_dir.resolve()), repr(cropper), folder_fingerprint(site_dir))
     if key not in _MEMO:
+        path = None if cache_dir is None else _intensity_path(cache_dir, key)
+        own = None if path is None else _load_intensity(path)
+        if own is None:
+            inputs = raw_preprocessor(cfg) if cache_dir is not None and cfg.spacing_mm > 0 else None
+            own = _measure(site_dir, cropper, site, want_histogram=cfg.spacing_mm > 0, inputs=inputs,
+                           inputs_cache=cache_dir)
+            if path is not None:
+                write_npz(path, {"counts": own.counts, "n_images": np.array(own.n_images),
+                                 "n_constant": np.array(own.n_constant), "spacing_mm": np.array(own.spacing_mm)},
+                          keep=MAX_KEPT)
         while len(_MEMO) >= MAX_MEMO:
             _MEMO.pop(next(iter(_MEMO)))
-        inputs = raw_preprocessor(cfg) if inputs_cache is not None and cfg.spacing_mm > 0 else None
-        _MEMO[key] = _measure(site_dir, cropper, site, want_histogram=cfg.spacing_mm > 0, inputs=inputs,
-                              inputs_cache=inputs_cache)
+        _MEMO[key] = own
     return _MEMO[key]
+
+
+MAX_KEPT = 2  # intensity files per site folder state kept on disk: the spacing survey's and the run's
+
+
+def _intensity_path(cache_dir: Path, key: tuple) -> Path:
+    return Path(cache_dir) / f"intensity-{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.npz"
+
+
+def _load_intensity(path: Path) -> SiteIntensity | None:
+    """The summary kept at `path`, or None when there is none (or it is unreadable: measured again)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            spacing = tuple(float(v) for v in f["spacing_mm"])
+            return SiteIntensity(f["counts"].astype(np.int64), int(f["n_images"]), int(f["n_constant"]),
+                                 (spacing[0], spacing[1], spacing[2]))
+    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as err:
+        log.warning("ignoring the unreadable intensity file %s (%s); reading the site folder again", path, err)
+        return None
 
 
 def _measure(site_dir: Path, cropper: HUCrop, site: str, *, want_histogram: bool,
@@ -141,7 +177,7 @@ def _warn(message: str) -> None:
 
 
 def site_preprocessor(cfg: RunConfig, site_dir: Path, reference: np.ndarray | None, *,
-                      site: str | None = None) -> Preprocessor:
+                      site: str | None = None, cache_dir: Path | None = None) -> Preprocessor:
     """The CNN preprocessing of this run: with `harmonize` on, HU mapped onto `reference` first."""
     if cfg.harmonize == "off":
         return raw_preprocessor(cfg)
@@ -149,7 +185,7 @@ def site_preprocessor(cfg: RunConfig, site_dir: Path, reference: np.ndarray | No
     if reference is None:
         raise ValueError(f"site {site}: harmonize = '{cfg.harmonize}' but the coordinator sent no reference "
                          "histogram; coordinator and site must run the same fedrad version.")
-    own = site_intensity(site_dir, cfg, site=site)
+    own = site_intensity(site_dir, cfg, site=site, cache_dir=cache_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", HarmonizationWarning)
         match = IntensityMatch.fit(own.counts, validate_counts(reference, what="the reference histogram"),

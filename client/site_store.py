@@ -41,19 +41,27 @@ def store_path(cache_dir: Path, preprocessing: str, fingerprint: tuple) -> Path:
 
 def save(path: Path, data: SiteData) -> None:
     """Write `data` to `path` atomically; keep only the `KEEP` newest array files of the site."""
+    write_npz(path, {**{k: getattr(data, k) for k in _ARRAYS},
+                     **{k: np.array(getattr(data, k), dtype=str) for k in _KEYS},
+                     "name": np.array(data.name), "preprocessing": np.array(data.preprocessing),
+                     "skipped": np.array(json.dumps([[s.file, s.reason] for s in data.skipped]))},
+              keep=KEEP)
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray], *, keep: int) -> None:
+    """Write `arrays` to `path` atomically (temporary file, then rename), then remove all but the
+    `keep` newest files of the same kind (same name up to the first "-") in that folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{k: getattr(data, k) for k in _ARRAYS},
-                     **{k: np.array(getattr(data, k), dtype=str) for k in _KEYS},
-                     name=np.array(data.name), preprocessing=np.array(data.preprocessing),
-                     skipped=np.array(json.dumps([[s.file, s.reason] for s in data.skipped])))
+            np.savez(f, **arrays)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    others = sorted((p for p in path.parent.glob("pixels-*.npz") if p != path), key=lambda p: p.stat().st_mtime_ns)
-    for old in others[:max(0, len(others) - (KEEP - 1))]:
+    kind = path.name.split("-", 1)[0]
+    others = sorted((p for p in path.parent.glob(f"{kind}-*.npz") if p != path), key=lambda p: p.stat().st_mtime_ns)
+    for old in others[:max(0, len(others) - (keep - 1))]:
         old.unlink(missing_ok=True)
 
 

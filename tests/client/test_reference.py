@@ -117,7 +117,7 @@ def test_the_histogram_pass_keeps_the_raw_cnn_inputs_so_the_next_load_decodes_no
     alone = site_intensity(tiny_site, cfg)
     _MEMO.clear()
     dataset._LOADED.clear()
-    teed = site_intensity(tiny_site, cfg, inputs_cache=tmp_path / "cache")
+    teed = site_intensity(tiny_site, cfg, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(teed.counts, alone.counts)
     assert (teed.n_images, teed.spacing_mm) == (alone.n_images, alone.spacing_mm)
     assert len(list((tmp_path / "cache").glob("pixels-*.npz"))) == 1
@@ -161,3 +161,41 @@ def test_before_round_one_each_file_is_decoded_once_even_across_processes(tiny_s
                  "projection": projection(1280, 8, seed=0)}
     site_app.query(query(cfg, "shift", reference), context(tiny_site, tmp_path))
     assert len(decoded) == n_files  # nothing decoded again
+
+
+def test_with_harmonisation_a_fresh_process_fits_its_map_without_decoding(tiny_site, tmp_path, monkeypatch,
+                                                                           caplog):
+    """Every message needs the site's own histogram to fit its map; in the Deployment Engine each message is a
+    new process. The histogram is kept in the site's cache folder, so only the first message reads the files."""
+    import client.dataset as dataset
+    import client.reference as reference_module
+
+    decoded = []
+    real = dataset.read_image
+    monkeypatch.setattr(dataset, "read_image", lambda path: decoded.append(path) or real(path))
+
+    def fresh_process():
+        reference_module._MEMO.clear()
+        dataset._LOADED.clear()
+        dataset._DECODED.clear()
+
+    cfg = RunConfig(fov_mm=32.0, out_dir=str(tmp_path), shift_dim=8, harmonize="quantile")
+    fresh_process()
+    out = site_app.query(query(cfg, "reference"), context(tiny_site, tmp_path)).content
+    counts = out["intensity"]["histogram"].numpy()
+    reference = {"reference-histogram": np.roll(counts, 20), "projection": projection(1280, 8, seed=0)}
+    fresh_process()
+    site_app.query(query(cfg, "shift", reference), context(tiny_site, tmp_path))  # makes the harmonised inputs
+    after_queries = len(decoded)
+    fresh_process()
+    msg = message(cfg, "evaluate")
+    msg.content["reference"] = from_numpy(reference)
+    site_app.evaluate_(msg, context(tiny_site, tmp_path))
+    assert len(decoded) == after_queries  # histogram and harmonised inputs both came from the site's disk
+    (kept,) = (tmp_path / "w").rglob("intensity-*.npz")
+    fresh_process()
+    kept.write_bytes(b"torn")
+    with caplog.at_level("WARNING", logger="fedrad.site"):
+        again = site_intensity(tiny_site, cfg, cache_dir=kept.parent)
+    assert "unreadable intensity file" in caplog.text and str(kept) in caplog.text
+    np.testing.assert_array_equal(again.counts, counts)
