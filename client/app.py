@@ -23,12 +23,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.cache import cache_folder
-from client.dataset import SiteData, load_site_cached
+from client.dataset import SiteData
 from client.features import SiteInputs, site_inputs
 from client.local_state import LocalStateStore
 from client.moments import feature_moments, pretrained_moments
 from client.outputs import SiteOutputs
-from client.reference import site_intensity, site_preprocessor
+from client.reference import load_inputs, site_intensity
 from client.site_shift import evaluate_site
 from client.train import build_model, fit, pick_device
 from common.config import RunConfig
@@ -105,10 +105,8 @@ def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, Effici
     folder = site_folder(context, cfg)
     name = own_name(context, folder)
     work = work_folder(context, cfg, name)
-    cache = cache_folder(work)
-    preprocessor = site_preprocessor(cfg, folder, reference_arrays(msg).get(REFERENCE_HISTOGRAM), site=name,
-                                     cache_dir=cache)
-    data = load_site_cached(folder, preprocessor, cache_dir=cache)
+    data = load_inputs(cfg, folder, reference_arrays(msg).get(REFERENCE_HISTOGRAM), site=name,
+                       cache_dir=cache_folder(work))
     data.name = name
     device = pick_device(cfg.device)
     model = build_model(cfg, device)

@@ -348,7 +348,8 @@ _LOADED: dict[tuple, SiteData] = {}
 MAX_LOADED = 8  # sites remembered per process: an actor (or an in-process federation) serves several in turn
 
 
-def load_site_cached(site_dir: Path, preprocessor: Preprocessor, *, cache_dir: Path | None = None) -> SiteData:
+def load_site_cached(site_dir: Path, preprocessor: Preprocessor, *, cache_dir: Path | None = None,
+                     make: Callable[[], SiteData | None] | None = None) -> SiteData:
     """`load_site`, remembered per process while the folder is unchanged (the latest `MAX_LOADED` sites).
 
     A Simulation Engine actor serves its site message after message; re-reading and
@@ -356,7 +357,9 @@ def load_site_cached(site_dir: Path, preprocessor: Preprocessor, *, cache_dir: P
     frozen prefix is cached. Actors (and `fedrad compare`'s baselines) serve several sites in turn,
     so a few are kept (a site of a few hundred 96-px images is tens of MB). With `cache_dir`
     (the site's own cache folder) the arrays are also kept on disk (`client.site_store`), so
-    the next process loads them instead of decoding every DICOM again.
+    the next process loads them instead of decoding every DICOM again. `make`, when given, is
+    tried before reading the folder on a miss (None: it cannot; `client.reference` derives
+    harmonised inputs from kept HU crops this way).
     """
     from client import site_store
 
@@ -366,7 +369,9 @@ def load_site_cached(site_dir: Path, preprocessor: Preprocessor, *, cache_dir: P
         path = None if cache_dir is None else site_store.store_path(cache_dir, repr(preprocessor), fingerprint)
         data = None if path is None else site_store.load(path)
         if data is None:
-            remember_site(site_dir, load_site(site_dir, preprocessor), fingerprint=fingerprint, cache_dir=cache_dir)
+            made = None if make is None else make()
+            remember_site(site_dir, made if made is not None else load_site(site_dir, preprocessor),
+                          fingerprint=fingerprint, cache_dir=cache_dir)
         else:
             remember_site(site_dir, data, fingerprint=fingerprint)
     return _LOADED[key]

@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from client.cache import cache_folder
-from client.dataset import load_site_cached
 from client.features import site_inputs
 from client.outputs import SiteOutputs
-from client.reference import raw_preprocessor, site_preprocessor
+from client.reference import load_inputs
 from client.train import build_model, pick_device
 from common.config import RunConfig
 from common.records import HARMONIZED, RAW, moment_keys
@@ -52,15 +51,12 @@ def pretrained_moments(cfg: RunConfig, site_dir: Path, work_dir: Path, projectio
     if projection is None:
         raise ValueError(f"site {site}: the shift query carries no projection; coordinator and site must run "
                          "the same fedrad version.")
-    variants = [(RAW, raw_preprocessor(cfg))]
-    if cfg.harmonize != "off":
-        variants.append((HARMONIZED, site_preprocessor(cfg, site_dir, reference, site=site,
-                                                                  cache_dir=cache_folder(work_dir))))
+    variants = [(RAW, cfg.replace(harmonize="off"))] + ([(HARMONIZED, cfg)] if cfg.harmonize != "off" else [])
     device = pick_device(cfg.device)
     arrays: dict[str, np.ndarray] = {}
     n = 0
-    for prefix, preprocessor in variants:
-        data = load_site_cached(site_dir, preprocessor, cache_dir=cache_folder(work_dir))
+    for prefix, variant in variants:
+        data = load_inputs(variant, site_dir, reference, site=site, cache_dir=cache_folder(work_dir))
         model = build_model(cfg, device)
         inputs = site_inputs(model, cfg, data, work_dir, device)
         found = feature_moments(SiteOutputs(model, inputs, device).features("train", "test"), projection, site=site)

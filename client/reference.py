@@ -18,6 +18,7 @@ site's array store so the next query does not decode the files either.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import warnings
@@ -27,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from client.dataset import channels, folder_fingerprint, load_site, remember_site
-from client.site_store import write_npz
+from client import site_store
+from client.dataset import SiteData, channels, folder_fingerprint, load_site, load_site_cached, remember_site
 from common.config import RunConfig
 from common.dicom import DicomImage
 from common.harmonize import HarmonizationWarning, IntensityMatch, intensity_histogram, validate_counts
@@ -99,8 +100,7 @@ def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None,
     """
     site_dir = Path(site_dir)
     site = site or site_dir.resolve().name
-    spacing = cfg.spacing_mm or cfg.fov_mm / 8.0  # a tiny crop when only spacings are wanted
-    cropper = HUCrop(spacing_mm=spacing, fov_mm=cfg.fov_mm)
+    cropper = _cropper(cfg)
     key = (str(site_dir.resolve()), repr(cropper), folder_fingerprint(site_dir))
     if key not in _MEMO:
         path = None if cache_dir is None else _intensity_path(cache_dir, key)
@@ -108,9 +108,9 @@ def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None,
         if own is None:
             inputs = raw_preprocessor(cfg) if cache_dir is not None and cfg.spacing_mm > 0 else None
             own = _measure(site_dir, cropper, site, want_histogram=cfg.spacing_mm > 0, inputs=inputs,
-                           inputs_cache=cache_dir)
+                           inputs_cache=cache_dir, keep_crops=cfg.harmonize != "off")
             if path is not None:
-                write_npz(path, {"counts": own.counts, "n_images": np.array(own.n_images),
+                site_store.write_npz(path, {"counts": own.counts, "n_images": np.array(own.n_images),
                                  "n_constant": np.array(own.n_constant), "spacing_mm": np.array(own.spacing_mm)},
                           keep=MAX_KEPT)
         while len(_MEMO) >= MAX_MEMO:
@@ -120,6 +120,11 @@ def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None,
 
 
 MAX_KEPT = 2  # intensity files per site folder state kept on disk: the spacing survey's and the run's
+
+
+def _cropper(cfg: RunConfig) -> HUCrop:
+    spacing = cfg.spacing_mm or cfg.fov_mm / 8.0  # a tiny crop when only spacings are wanted
+    return HUCrop(spacing_mm=spacing, fov_mm=cfg.fov_mm)
 
 
 def _intensity_path(cache_dir: Path, key: tuple) -> Path:
@@ -141,7 +146,8 @@ def _load_intensity(path: Path) -> SiteIntensity | None:
 
 
 def _measure(site_dir: Path, cropper: HUCrop, site: str, *, want_histogram: bool,
-             inputs: Preprocessor | None = None, inputs_cache: Path | None = None) -> SiteIntensity:
+             inputs: Preprocessor | None = None, inputs_cache: Path | None = None,
+             keep_crops: bool = False) -> SiteIntensity:
     if inputs is None:
         data = load_site(site_dir, cropper)
     else:  # one read, two results: the HU crops (channel 0) and the CNN inputs (the rest)
@@ -150,6 +156,8 @@ def _measure(site_dir: Path, cropper: HUCrop, site: str, *, want_histogram: bool
         data = channels(both, slice(0, 1), repr(cropper))
         remember_site(site_dir, channels(both, slice(1, None), repr(inputs)), fingerprint=fingerprint,
                       cache_dir=inputs_cache)
+        if keep_crops:  # harmonised inputs are made from them once the reference is known (`load_inputs`)
+            remember_site(site_dir, data, fingerprint=fingerprint, cache_dir=inputs_cache)
     spacings = np.sqrt(np.prod(data.spacings_mm, axis=1)) if len(data.spacings_mm) else np.array([np.nan])
     summary = (float(np.median(spacings)), float(np.min(spacings)), float(np.max(spacings)))
     counts = np.zeros_like(intensity_histogram(np.zeros(0)))
@@ -193,3 +201,39 @@ def site_preprocessor(cfg: RunConfig, site_dir: Path, reference: np.ndarray | No
     for warning in caught:
         _warn(str(warning.message))
     return Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, intensity_map=match)
+
+
+def load_inputs(cfg: RunConfig, site_dir: Path, reference: np.ndarray | None, *, site: str | None = None,
+                cache_dir: Path | None = None) -> SiteData:
+    """The site's CNN inputs for this run (`site_preprocessor`), through `load_site_cached`.
+
+    With harmonisation on, and the HU crops and raw inputs of the histogram pass in the
+    site's store, the harmonised inputs are made from them (`Preprocessor.from_hu`) instead
+    of decoding every file again: equal to a fresh read, since the map and the windows act
+    on the same resampled crop.
+    """
+    preprocessor = site_preprocessor(cfg, site_dir, reference, site=site, cache_dir=cache_dir)
+    make = None
+    if preprocessor.intensity_map is not None and cache_dir is not None:
+        def make() -> SiteData | None:
+            return _from_kept_crops(cfg, Path(site_dir), preprocessor, Path(cache_dir))
+    return load_site_cached(site_dir, preprocessor, cache_dir=cache_dir, make=make)
+
+
+def _from_kept_crops(cfg: RunConfig, site_dir: Path, preprocessor: Preprocessor, cache_dir: Path) -> SiteData | None:
+    fingerprint = folder_fingerprint(site_dir)
+    crops, raw = (site_store.load(site_store.store_path(cache_dir, repr(p), fingerprint))
+                  for p in (_cropper(cfg), raw_preprocessor(cfg)))
+    if crops is None or raw is None or (crops.keys_train, crops.keys_test, crops.keys_unlabelled) != (
+            raw.keys_train, raw.keys_test, raw.keys_unlabelled):
+        return None
+
+    def mapped(hu: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+        out = inputs.copy()
+        for i, crop in enumerate(hu[:, 0]):
+            if not np.isnan(crop).all():  # CT; HUCrop leaves other modalities NaN, and no map applies to them
+                out[i] = preprocessor.from_hu(crop)
+        return out
+
+    return dataclasses.replace(raw, preprocessing=repr(preprocessor), **{
+        name: mapped(getattr(crops, name), getattr(raw, name)) for name in ("x_train", "x_test", "x_unlabelled")})

@@ -8,8 +8,8 @@ this file each of them decodes the whole site again.
 The file (`<cache dir>/pixels-<key>.npz`, in the site's work folder, never sent anywhere)
 is keyed by the preprocessing (spacing, field of view, intensity map, windows) and the
 folder's fingerprint (path, size and mtime of every file), so a changed, added or removed
-file or a changed setting reads the folder afresh. At most `KEEP` files per site (raw and
-harmonised inputs): writing a new one removes the oldest. Writes are atomic (temporary
+file or a changed setting reads the folder afresh. At most `KEEP` files per site (raw
+inputs, HU crops, harmonised inputs): writing a new one removes the oldest. Writes are atomic (temporary
 file, then rename).
 """
 
@@ -30,7 +30,7 @@ from client.dataset import SiteData, Skipped
 log = logging.getLogger("fedrad.site")
 _ARRAYS = ("x_train", "y_train", "x_test", "y_test", "x_unlabelled", "spacings_mm")
 _KEYS = ("keys_train", "keys_test", "keys_unlabelled")
-KEEP = 2  # array files kept per site: the raw and the harmonised inputs of one run
+KEEP = 3  # array files kept per site: the raw inputs, the HU crops and the harmonised inputs of one run
 
 
 def store_path(cache_dir: Path, preprocessing: str, fingerprint: tuple) -> Path:

@@ -289,12 +289,18 @@ class Preprocessor:
         """
         crop = self.resample(image, center_rc)
         if image.modality.strip().upper() == "CT":
-            if self.intensity_map is not None:
-                crop = self.intensity_map(crop)
-            channels = self.window(crop)
-        else:
-            channels = self.robust(crop, reference=_subsample(image.values))
-        return self.normalize(channels)
+            return self.from_hu(crop)
+        return self.normalize(self.robust(crop, reference=_subsample(image.values)))
+
+    def from_hu(self, crop: np.ndarray) -> np.ndarray:
+        """The CT part after resampling: (size, size) HU crop -> (3, size, size) CNN input.
+
+        Lets a site that kept its HU crops make inputs under another intensity map without
+        decoding its files again.
+        """
+        if self.intensity_map is not None:
+            crop = self.intensity_map(crop)
+        return self.normalize(self.window(crop))
 
 
 class Stack:

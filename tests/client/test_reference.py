@@ -7,7 +7,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 import client.app as site_app
-from client.reference import site_intensity, site_preprocessor
+from client.dataset import load_site
+from client.reference import load_inputs, site_intensity, site_preprocessor
 from common.config import RunConfig
 from common.harmonize import N_BINS, HarmonizationWarning
 from common.records import from_numpy
@@ -186,13 +187,20 @@ def test_with_harmonisation_a_fresh_process_fits_its_map_without_decoding(tiny_s
     reference = {"reference-histogram": np.roll(counts, 20), "projection": projection(1280, 8, seed=0)}
     fresh_process()
     site_app.query(query(cfg, "shift", reference), context(tiny_site, tmp_path))  # makes the harmonised inputs
-    after_queries = len(decoded)
+    n_files = len(list(tiny_site.rglob("*.dcm")))
+    assert len(decoded) == n_files  # harmonised inputs made from the HU crops the histogram pass kept
     fresh_process()
     msg = message(cfg, "evaluate")
     msg.content["reference"] = from_numpy(reference)
     site_app.evaluate_(msg, context(tiny_site, tmp_path))
-    assert len(decoded) == after_queries  # histogram and harmonised inputs both came from the site's disk
+    assert len(decoded) == n_files  # histogram and harmonised inputs both came from the site's disk
     (kept,) = (tmp_path / "w").rglob("intensity-*.npz")
+    fresh_process()
+    made = load_inputs(cfg, tiny_site, reference["reference-histogram"], cache_dir=kept.parent)
+    read = load_site(tiny_site, site_preprocessor(cfg, tiny_site, reference["reference-histogram"]))
+    assert made.preprocessing == read.preprocessing and "IntensityMatch" in made.preprocessing
+    for name in ("x_train", "x_test", "x_unlabelled", "y_train", "y_test"):
+        np.testing.assert_array_equal(getattr(made, name), getattr(read, name), err_msg=name)
     fresh_process()
     kept.write_bytes(b"torn")
     with caplog.at_level("WARNING", logger="fedrad.site"):
