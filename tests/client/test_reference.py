@@ -137,9 +137,9 @@ def test_the_histogram_pass_keeps_the_raw_cnn_inputs_so_the_next_load_decodes_no
                                                                      fresh.preprocessing)
 
 
-def test_before_round_one_each_file_is_decoded_once_even_across_processes(tiny_site, tmp_path, monkeypatch):
-    """The reference query's read also yields the CNN inputs; the shift query (here as if in a fresh process,
-    as in the Deployment Engine or on another Simulation actor) finds them in the site's store."""
+@pytest.fixture
+def decodes(monkeypatch):
+    """(list of files decoded so far, a function that forgets what this process remembers)."""
     import client.dataset as dataset
     import client.reference as reference_module
 
@@ -152,6 +152,13 @@ def test_before_round_one_each_file_is_decoded_once_even_across_processes(tiny_s
         dataset._LOADED.clear()
         dataset._DECODED.clear()
 
+    return decoded, fresh_process
+
+
+def test_before_round_one_each_file_is_decoded_once_even_across_processes(tiny_site, tmp_path, decodes):
+    """The reference query's read also yields the CNN inputs; the shift query (here as if in a fresh process,
+    as in the Deployment Engine or on another Simulation actor) finds them in the site's store."""
+    decoded, fresh_process = decodes
     cfg = RunConfig(fov_mm=32.0, out_dir=str(tmp_path), shift_dim=8)
     fresh_process()
     out = site_app.query(query(cfg, "reference"), context(tiny_site, tmp_path)).content
@@ -164,22 +171,10 @@ def test_before_round_one_each_file_is_decoded_once_even_across_processes(tiny_s
     assert len(decoded) == n_files  # nothing decoded again
 
 
-def test_with_harmonisation_a_fresh_process_fits_its_map_without_decoding(tiny_site, tmp_path, monkeypatch,
-                                                                           caplog):
+def test_with_harmonisation_a_fresh_process_fits_its_map_without_decoding(tiny_site, tmp_path, decodes, caplog):
     """Every message needs the site's own histogram to fit its map; in the Deployment Engine each message is a
     new process. The histogram is kept in the site's cache folder, so only the first message reads the files."""
-    import client.dataset as dataset
-    import client.reference as reference_module
-
-    decoded = []
-    real = dataset.read_image
-    monkeypatch.setattr(dataset, "read_image", lambda path: decoded.append(path) or real(path))
-
-    def fresh_process():
-        reference_module._MEMO.clear()
-        dataset._LOADED.clear()
-        dataset._DECODED.clear()
-
+    decoded, fresh_process = decodes
     cfg = RunConfig(fov_mm=32.0, out_dir=str(tmp_path), shift_dim=8, harmonize="quantile")
     fresh_process()
     out = site_app.query(query(cfg, "reference"), context(tiny_site, tmp_path)).content
