@@ -111,8 +111,8 @@ def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None,
                            inputs_cache=cache_dir, keep_crops=cfg.harmonize != "off")
             if path is not None:
                 site_store.write_npz(path, {"counts": own.counts, "n_images": np.array(own.n_images),
-                                 "n_constant": np.array(own.n_constant), "spacing_mm": np.array(own.spacing_mm)},
-                          keep=MAX_KEPT)
+                                            "n_constant": np.array(own.n_constant),
+                                            "spacing_mm": np.array(own.spacing_mm)}, keep=MAX_KEPT)
         while len(_MEMO) >= MAX_MEMO:
             _MEMO.pop(next(iter(_MEMO)))
         _MEMO[key] = own
