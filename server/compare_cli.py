@@ -18,7 +18,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
                     "OUT/compare.json, compare.md (mean ± sd over seeds, best per column marked) and compare.png; "
                     "each run's own report lies under OUT/runs/<strategy>/seed-<s>/.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  fedrad compare --out runs/compare                      # defaults, ~50 min on 2 cores (measured: 51 min)\n"
+        epilog="examples:\n  fedrad compare --out runs/compare                      # defaults, ~50 min on 2 cores (measured: 46 min)\n"
                "  fedrad compare --seeds 1 --rounds 2 --strategies fedbn,local --no-loso   # a quick look\n"
                "  fedrad compare --data /exports/hospitals --out runs/mine")
     p.add_argument("--data", type=Path, default=None,
