@@ -229,11 +229,11 @@ def _read_image_remembered(path: Path) -> DicomImage:
     return image
 
 
-# Before round 1 a site answers two queries from the same files (its HU histogram, then the
-# pretrained features of its CNN inputs). The raw inputs come from the first query's read
-# (`client.reference`); with harmonize on, the harmonised ones need the files again, and when
-# the same process serves both queries this memo spares that decode. Images are never
-# mutated downstream. 256 MB holds ~2,500 160x160 CT slices.
+# A site's messages normally decode each file once per run (`client.reference` keeps the CNN
+# inputs and HU crops of its first read). This memo spares a process the decode where a read
+# has no cache folder to keep its results in (`fedrad bench`, `fedrad compare`'s baselines,
+# a spacing survey before the run's spacing is chosen). Images are never mutated downstream.
+# 256 MB holds ~2,500 160x160 CT slices.
 _DECODED: BoundedLRU[DicomImage] = BoundedLRU(256 * 2**20, size=lambda image: image.values.nbytes)
 
 
@@ -349,7 +349,7 @@ MAX_LOADED = 8  # sites remembered per process: an actor (or an in-process feder
 
 
 def load_site_cached(site_dir: Path, preprocessor: Preprocessor, *, cache_dir: Path | None = None,
-                     make: Callable[[], SiteData | None] | None = None) -> SiteData:
+                     make: Callable[[tuple], SiteData | None] | None = None) -> SiteData:
     """`load_site`, remembered per process while the folder is unchanged (the latest `MAX_LOADED` sites).
 
     A Simulation Engine actor serves its site message after message; re-reading and
@@ -357,24 +357,30 @@ def load_site_cached(site_dir: Path, preprocessor: Preprocessor, *, cache_dir: P
     frozen prefix is cached. Actors (and `fedrad compare`'s baselines) serve several sites in turn,
     so a few are kept (a site of a few hundred 96-px images is tens of MB). With `cache_dir`
     (the site's own cache folder) the arrays are also kept on disk (`client.site_store`), so
-    the next process loads them instead of decoding every DICOM again. `make`, when given, is
-    tried before reading the folder on a miss (None: it cannot; `client.reference` derives
-    harmonised inputs from kept HU crops this way).
+    the next process loads them instead of decoding every DICOM again. `make(fingerprint)`,
+    when given, is tried before reading the folder on a miss (None: it cannot;
+    `client.reference` derives harmonised inputs from kept HU crops this way).
     """
+    fingerprint = folder_fingerprint(Path(site_dir))
+    data = kept_site(site_dir, repr(preprocessor), fingerprint, cache_dir)
+    if data is None:
+        made = None if make is None else make(fingerprint)
+        data = made if made is not None else load_site(site_dir, preprocessor)
+        remember_site(site_dir, data, fingerprint=fingerprint, cache_dir=cache_dir)
+    return data
+
+
+def kept_site(site_dir: Path, preprocessing: str, fingerprint: tuple, cache_dir: Path | None) -> SiteData | None:
+    """The arrays of `site_dir` (as it was at `fingerprint`) under `preprocessing` if already at hand:
+    in this process, or in the site's array store under `cache_dir`. Never reads the folder."""
     from client import site_store
 
-    fingerprint = folder_fingerprint(Path(site_dir))
-    key = _loaded_key(site_dir, repr(preprocessor), fingerprint)
-    if key not in _LOADED:
-        path = None if cache_dir is None else site_store.store_path(cache_dir, repr(preprocessor), fingerprint)
-        data = None if path is None else site_store.load(path)
-        if data is None:
-            made = None if make is None else make()
-            remember_site(site_dir, made if made is not None else load_site(site_dir, preprocessor),
-                          fingerprint=fingerprint, cache_dir=cache_dir)
-        else:
+    data = _LOADED.get(_loaded_key(site_dir, preprocessing, fingerprint))
+    if data is None and cache_dir is not None:
+        data = site_store.load(site_store.store_path(cache_dir, preprocessing, fingerprint))
+        if data is not None:
             remember_site(site_dir, data, fingerprint=fingerprint)
-    return _LOADED[key]
+    return data
 
 
 def remember_site(site_dir: Path, data: SiteData, *, fingerprint: tuple, cache_dir: Path | None = None) -> None:

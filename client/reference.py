@@ -19,7 +19,6 @@ site's array store so the next query does not decode the files either.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import warnings
 import zipfile
@@ -29,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from client import site_store
-from client.dataset import SiteData, channels, folder_fingerprint, load_site, load_site_cached, remember_site
+from client.dataset import (SiteData, channels, folder_fingerprint, kept_site, load_site, load_site_cached,
+                            remember_site)
 from common.config import RunConfig
 from common.dicom import DicomImage
 from common.harmonize import HarmonizationWarning, IntensityMatch, intensity_histogram, validate_counts
@@ -101,14 +101,15 @@ def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None,
     site_dir = Path(site_dir)
     site = site or site_dir.resolve().name
     cropper = _cropper(cfg)
-    key = (str(site_dir.resolve()), repr(cropper), folder_fingerprint(site_dir))
+    fingerprint = folder_fingerprint(site_dir)
+    key = (str(site_dir.resolve()), repr(cropper), fingerprint)
     if key not in _MEMO:
-        path = None if cache_dir is None else _intensity_path(cache_dir, key)
+        path = None if cache_dir is None else site_store.keyed_path(cache_dir, "intensity", key)
         own = None if path is None else _load_intensity(path)
         if own is None:
             inputs = raw_preprocessor(cfg) if cache_dir is not None and cfg.spacing_mm > 0 else None
             own = _measure(site_dir, cropper, site, want_histogram=cfg.spacing_mm > 0, inputs=inputs,
-                           inputs_cache=cache_dir, keep_crops=cfg.harmonize != "off")
+                           inputs_cache=cache_dir, keep_crops=cfg.harmonize != "off", fingerprint=fingerprint)
             if path is not None:
                 site_store.write_npz(path, {"counts": own.counts, "n_images": np.array(own.n_images),
                                             "n_constant": np.array(own.n_constant),
@@ -127,10 +128,6 @@ def _cropper(cfg: RunConfig) -> HUCrop:
     return HUCrop(spacing_mm=spacing, fov_mm=cfg.fov_mm)
 
 
-def _intensity_path(cache_dir: Path, key: tuple) -> Path:
-    return Path(cache_dir) / f"intensity-{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.npz"
-
-
 def _load_intensity(path: Path) -> SiteIntensity | None:
     """The summary kept at `path`, or None when there is none (or it is unreadable: measured again)."""
     if not path.is_file():
@@ -147,11 +144,10 @@ def _load_intensity(path: Path) -> SiteIntensity | None:
 
 def _measure(site_dir: Path, cropper: HUCrop, site: str, *, want_histogram: bool,
              inputs: Preprocessor | None = None, inputs_cache: Path | None = None,
-             keep_crops: bool = False) -> SiteIntensity:
+             keep_crops: bool = False, fingerprint: tuple) -> SiteIntensity:
     if inputs is None:
         data = load_site(site_dir, cropper)
     else:  # one read, two results: the HU crops (channel 0) and the CNN inputs (the rest)
-        fingerprint = folder_fingerprint(site_dir)
         both = load_site(site_dir, Stack(cropper, inputs))
         data = channels(both, slice(0, 1), repr(cropper))
         remember_site(site_dir, channels(both, slice(1, None), repr(inputs)), fingerprint=fingerprint,
@@ -214,16 +210,15 @@ def load_inputs(cfg: RunConfig, site_dir: Path, reference: np.ndarray | None, *,
     """
     preprocessor = site_preprocessor(cfg, site_dir, reference, site=site, cache_dir=cache_dir)
     make = None
-    if preprocessor.intensity_map is not None and cache_dir is not None:
-        def make() -> SiteData | None:
-            return _from_kept_crops(cfg, Path(site_dir), preprocessor, Path(cache_dir))
+    if preprocessor.intensity_map is not None:
+        def make(fingerprint: tuple) -> SiteData | None:
+            return _from_kept_crops(cfg, Path(site_dir), preprocessor, fingerprint, cache_dir)
     return load_site_cached(site_dir, preprocessor, cache_dir=cache_dir, make=make)
 
 
-def _from_kept_crops(cfg: RunConfig, site_dir: Path, preprocessor: Preprocessor, cache_dir: Path) -> SiteData | None:
-    fingerprint = folder_fingerprint(site_dir)
-    crops, raw = (site_store.load(site_store.store_path(cache_dir, repr(p), fingerprint))
-                  for p in (_cropper(cfg), raw_preprocessor(cfg)))
+def _from_kept_crops(cfg: RunConfig, site_dir: Path, preprocessor: Preprocessor, fingerprint: tuple,
+                     cache_dir: Path | None) -> SiteData | None:
+    crops, raw = (kept_site(site_dir, repr(p), fingerprint, cache_dir) for p in (_cropper(cfg), raw_preprocessor(cfg)))
     if crops is None or raw is None or (crops.keys_train, crops.keys_test, crops.keys_unlabelled) != (
             raw.keys_train, raw.keys_test, raw.keys_unlabelled):
         return None

@@ -35,8 +35,12 @@ KEEP = 3  # array files kept per site: the raw inputs, the HU crops and the harm
 
 def store_path(cache_dir: Path, preprocessing: str, fingerprint: tuple) -> Path:
     """Where the arrays of this folder state under this preprocessing live."""
-    digest = hashlib.sha256(repr((preprocessing, fingerprint)).encode()).hexdigest()[:24]
-    return Path(cache_dir) / f"pixels-{digest}.npz"
+    return keyed_path(cache_dir, "pixels", (preprocessing, fingerprint))
+
+
+def keyed_path(cache_dir: Path, kind: str, key: tuple) -> Path:
+    """`<cache dir>/<kind>-<digest of key>.npz`: one file per key; `write_npz` prunes by kind."""
+    return Path(cache_dir) / f"{kind}-{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.npz"
 
 
 def save(path: Path, data: SiteData) -> None:

@@ -131,13 +131,13 @@ def measure_simulate(data: Path, out: Path, extra: list[str] | None = None) -> d
 
 def run_bench(data: Path, out: Path, *, simulate: bool = True, progress=print) -> dict[str, Any]:  # noqa: ANN001
     from client.dataset import load_site
+    from client.reference import raw_preprocessor
     from common.config import RunConfig, project_run_config
-    from common.preprocess import Preprocessor
     from common.sites import discover_sites
 
     cfg = RunConfig.from_run_config(project_run_config())
     site_dir = discover_sites(data)[0]
-    site = load_site(site_dir, Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))
+    site = load_site(site_dir, raw_preprocessor(cfg))
     results: dict[str, Any] = {"site": site.name, "n_train": len(site.y_train), "freeze_blocks": cfg.freeze_blocks,
                                "augment": cfg.augment, "image_px": cfg.image_size}
     _warm_up()

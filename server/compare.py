@@ -120,9 +120,9 @@ def plan_compare(base: RunConfig, *, out: Path, seeds: int = 3, strategies: Sequ
 def _site_data(folder: Path, cfg: RunConfig) -> Any:
     """A site's images, loaded once per worker and shared with the ClientApps it runs (`load_site_cached`)."""
     from client.dataset import load_site_cached
-    from common.preprocess import Preprocessor
+    from client.reference import raw_preprocessor
 
-    return load_site_cached(folder, Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm))
+    return load_site_cached(folder, raw_preprocessor(cfg))
 
 
 def _federate(engine: str) -> Callable[[RunConfig], dict[str, Any]]:
