@@ -47,6 +47,7 @@ class RunConfig:
     seed: int = 0
     min_sites: int = 2  # a round needs at least this many sites to reply
     round_timeout: float = 3600.0  # seconds the coordinator waits for replies in a round
+    rejoin_wait: float = 60.0  # before a round, seconds to wait for a site lost in the last one to reconnect (0 = off)
     norm_outlier_factor: float = 10.0  # reject an update > this x the others' median distance from the global (0 = off)
     logit_adjust: float = 0.0  # tau of the logit-adjusted loss CE(logits + tau log pi_site); 1 with bn-mode=shared
     label_shift: bool = True  # last round: sites calibrate (BCTS), estimate their prior (EM, BBSE), correct, personalise
@@ -78,6 +79,7 @@ class RunConfig:
             (self.fov_mm >= 8 * self.spacing_mm, "fov-mm must be at least 8 pixels of spacing-mm"),
             (self.min_sites >= 1, "min-sites must be >= 1"),
             (self.round_timeout > 0, "round-timeout must be > 0"),
+            (self.rejoin_wait >= 0, "rejoin-wait must be >= 0"),
             (self.norm_outlier_factor == 0 or self.norm_outlier_factor > 1,
              "norm-outlier-factor must be 0 (off) or > 1"),
             (self.logit_adjust >= 0, "logit-adjust must be >= 0"),

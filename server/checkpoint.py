@@ -35,7 +35,8 @@ log = logging.getLogger("fedrad.coordinator")
 FORMAT = 1
 ARRAY_PREFIX = "arrays/"
 # Keys that do not change what is trained: a checkpoint resumes across changes of these.
-OPERATIONAL_KEYS = frozenset({"num-server-rounds", "round-timeout", "min-sites", "data-dir", "out-dir", "work-dir"})
+OPERATIONAL_KEYS = frozenset({"num-server-rounds", "round-timeout", "rejoin-wait", "min-sites", "data-dir", "out-dir",
+                              "work-dir"})
 
 
 def checkpoint_path(out_dir: Path | str) -> Path:

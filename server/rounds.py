@@ -9,12 +9,14 @@ for evaluation), over the strategy's own methods, with both of those added.
 A site that does not answer within `timeout` (lost mid-round, killed, network gone) is
 logged with its name when known and recorded in the strategy's failed replies; the round
 goes on with the replies that came, and the strategy's `min-sites` decides whether they
-are enough to move the global model.
+are enough to move the global model. Before the next round the coordinator waits up to
+`rejoin_wait` seconds for such a site to reconnect (see `_await_rejoin`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -25,8 +27,13 @@ from server.strategy import FedRad
 log = logging.getLogger("fedrad.coordinator")
 
 
+def _names(strategy: FedRad, nodes: set[int]) -> str:
+    """Site names where known (the registry's, in deployment), else `node-<id>`."""
+    return ", ".join(sorted(strategy.node_names.get(node, f"node-{node}") for node in nodes))
+
+
 def _record_lost(strategy: FedRad, server_round: int, node: int, reason: str) -> None:
-    name = strategy.node_names.get(node, f"node-{node}")
+    name = _names(strategy, {node})
     strategy.failed.append((server_round, name, reason))
     log.warning("round %d: %s: %s; the round goes on with the others", server_round, name, reason)
 
@@ -57,16 +64,46 @@ def _exchange(grid: Grid, strategy: FedRad, messages: list[Message], server_roun
     return kept
 
 
+def _await_rejoin(grid: Grid, strategy: FedRad, expected: set[int], wait: float, server_round: int) -> None:
+    """Give the sites of the last round that are offline now up to `wait` seconds to reconnect.
+
+    Why: a crashed site that its service manager restarts is accepted again only once its
+    old session has expired, which is also when the round it missed closes (Node
+    Unavailable). Started at once, the next round would be sent a few seconds before the
+    site is back and leave it out for a whole round. A site that does not come back in time
+    is not waited for again (it was not in this round), so a site gone for good costs one
+    wait; it takes part again from the first round that starts after it reconnects.
+    """
+    missing = expected - set(grid.get_node_ids())
+    if not missing or wait <= 0:
+        return
+    log.info("round %d: waiting up to %g s for %s to reconnect (rejoin-wait)", server_round, wait,
+             _names(strategy, missing))
+    deadline = time.monotonic() + wait
+    while missing and (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(1.0, left))
+        missing = expected - set(grid.get_node_ids())
+    if missing:
+        log.warning("round %d: %s not back after %g s; the round goes on without them",
+                    server_round,
+                    _names(strategy, missing), wait)
+    else:
+        log.info("round %d: every site of the last round is connected; the round starts", server_round)
+
+
 def run_rounds(grid: Grid, strategy: FedRad, arrays: ArrayRecord, *, first: int, last: int, timeout: float,
-               train_config: ConfigRecord, evaluate_config: ConfigRecord,
+               train_config: ConfigRecord, evaluate_config: ConfigRecord, rejoin_wait: float = 0.0,
                on_round_end: Callable[[int, ArrayRecord], None] | None = None) -> ArrayRecord:
     """Run rounds first..last (inclusive; none when first > last); return the final global arrays."""
     if first > last:
         log.info("rounds 1..%d are already done (resumed from a checkpoint): nothing to train; use another "
                  "out-dir to train this experiment again", first - 1)
+    last_sent: set[int] = set()  # the sites of the previous round's training
     for server_round in range(first, last + 1):
+        _await_rejoin(grid, strategy, last_sent, rejoin_wait, server_round)
         log.info("round %d of %d: training", server_round, last)
         sent = list(strategy.configure_train(server_round, arrays, train_config, grid))
+        last_sent = {m.metadata.dst_node_id for m in sent}
         replies = _exchange(grid, strategy, sent, server_round, "train", timeout)
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:

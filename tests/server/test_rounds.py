@@ -1,5 +1,7 @@
 """The round loop: true round numbers after a resume, lost sites recorded by name, a hook per round."""
 
+import time
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
@@ -19,13 +21,18 @@ class Node:
 
 
 class FakeGrid:
-    """Nodes 1, 2, 3 (sites a, b, c); node 3 never answers a train message (lost mid-round)."""
+    """Nodes 1, 2, 3 (sites a, b, c); node 3 never answers a train message (lost mid-round).
 
-    def __init__(self):
-        self.rounds_seen = []
+    After each lost message node 3 is offline for `offline_s` seconds, as a crashed site is
+    until its restarted daemon is let back in.
+    """
+
+    def __init__(self, offline_s=0.0):
+        self.rounds_seen, self.sent_to = [], []
+        self.offline_s, self.back_at = offline_s, 0.0
 
     def get_node_ids(self):
-        return [1, 2, 3]
+        return [1, 2] if time.monotonic() < self.back_at else [1, 2, 3]
 
     def get_nodes(self):
         return [Node(1, "a"), Node(2, "b"), Node(3, "c")]
@@ -36,7 +43,9 @@ class FakeGrid:
             msg.metadata.__dict__["_message_id"] = f"m{msg.metadata.dst_node_id}-{i}"
             node = msg.metadata.dst_node_id
             self.rounds_seen.append((msg.metadata.message_type, int(msg.content["config"]["server-round"])))
+            self.sent_to.append(self.rounds_seen[-1] + (node,))
             if msg.metadata.message_type == "train" and node == 3:
+                self.back_at = time.monotonic() + self.offline_s
                 continue
             content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "auc": 0.5}),
                                   "site": ConfigRecord({"name": "abc"[node - 1]})})
@@ -72,3 +81,27 @@ def test_no_rounds_left_runs_nothing():
     assert run_rounds(grid, strategy, arrays, first=3, last=2, timeout=1.0, train_config=ConfigRecord({}),
                       evaluate_config=ConfigRecord({})) is arrays
     assert grid.rounds_seen == []
+
+
+def run(grid, *, rejoin_wait, first=3, last=4):
+    strategy = FedRad(expected=spec_of(SHARED), min_sites=2)
+    run_rounds(grid, strategy, from_numpy(SHARED), first=first, last=last, timeout=5.0, rejoin_wait=rejoin_wait,
+               train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
+    return {(kind, r) for kind, r, node in grid.sent_to if node == 3}
+
+
+def test_a_site_lost_in_a_round_is_waited_for_before_the_next(caplog):
+    caplog.set_level("INFO", logger="fedrad.coordinator")
+    c_got = run(FakeGrid(offline_s=0.5), rejoin_wait=30.0)
+    assert ("train", 4) in c_got  # back after 0.5 s: round 4 waited for it
+    assert "round 4: waiting up to 30 s for c to reconnect" in caplog.text
+    # without the wait round 4 starts while c is still offline and leaves it out
+    assert ("train", 4) not in run(FakeGrid(offline_s=0.5), rejoin_wait=0.0)
+
+
+def test_a_site_that_does_not_come_back_is_waited_for_once(caplog):
+    caplog.set_level("INFO", logger="fedrad.coordinator")
+    c_got = run(FakeGrid(offline_s=1e6), rejoin_wait=0.3, last=6)
+    assert not any(kind == "train" and r > 3 for kind, r in c_got)
+    assert caplog.text.count("waiting up to") == 1  # before round 4 only: c was not in rounds 4 and 5
+    assert "round 4: c not back after 0.3 s; the round goes on without them" in caplog.text
