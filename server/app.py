@@ -73,7 +73,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
 
     run_rounds(grid, strategy, arrays, first=checkpoints.done + 1, last=cfg.num_server_rounds,
                timeout=cfg.round_timeout, train_config=run_config, evaluate_config=ConfigRecord(run_config),
-               rejoin_wait=cfg.rejoin_wait, on_round_end=end_of_round)
+               rejoin_wait=cfg.rejoin_wait, asked_before=exchange.asked if exchange is not None else None,
+               on_round_end=end_of_round)
     report = build_report(cfg, strategy.sites, wall_seconds=checkpoints.wall_seconds(),
                           full_model_bytes=full_model_bytes,
                           shared_payload_bytes=sum(a.nbytes for a in to_numpy(initial).values())

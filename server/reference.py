@@ -34,6 +34,7 @@ from common.harmonize import bin_edges, histogram_problem, pool_histograms, summ
 from common.records import (CONFIG, HARMONIZED, HISTOGRAM, INTENSITY, METRICS, MOMENTS, PROJECTION, QUERY_KIND, RAW,
                             REFERENCE, REFERENCE_HISTOGRAM, from_numpy, moment_keys)
 from common.feature_shift import Moments, projection, shift_scores
+from server.rounds import registered_names
 from server.strategy import site_name
 
 log = logging.getLogger("fedrad.coordinator")
@@ -59,6 +60,7 @@ class Exchange:
     reference: np.ndarray | None = None  # pooled counts (N_BINS,); None with harmonize off
     projection: np.ndarray | None = None  # (shift-dim, 1280); None with shift-dim 0
     sites: dict[str, SiteReference] = field(default_factory=dict)
+    asked: dict[int, str] = field(default_factory=dict)  # node id -> name of the sites queried (round 1 waits for them)
 
     def broadcast(self) -> ArrayRecord | None:
         """The REFERENCE record sent with every train/evaluate message (None when empty)."""
@@ -110,8 +112,9 @@ def choose_spacing(summaries: dict[str, tuple[float, int]]) -> float:
     return float(items[int(np.searchsorted(weights, weights[-1] / 2.0))][0])
 
 
-def query_sites(grid: Grid, cfg: RunConfig, kind: str, reference: ArrayRecord | None = None) -> list[Message]:
-    """One query message per connected site; the replies without errors (failures logged)."""
+def query_sites(grid: Grid, cfg: RunConfig, kind: str, reference: ArrayRecord | None = None, *,
+                asked: dict[int, str] | None = None) -> list[Message]:
+    """One query message per connected site (added to `asked`: id -> name); the replies without errors."""
     waited = 0
     while len(nodes := list(grid.get_node_ids())) < cfg.min_sites:
         if waited % 30 == 0:
@@ -122,6 +125,9 @@ def query_sites(grid: Grid, cfg: RunConfig, kind: str, reference: ArrayRecord | 
     if reference is not None:
         content[REFERENCE] = reference
     messages = [Message(content=content, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+    if asked is not None:
+        names = registered_names(grid)
+        asked.update({node: names.get(node, "") for node in nodes})
     ok, failed = [], []
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
         if reply.has_error():
@@ -141,13 +147,13 @@ def exchange_reference(grid: Grid, cfg: RunConfig) -> Exchange:
     result = Exchange(cfg, "configured")
     if cfg.spacing_mm == 0:
         summaries = {}
-        for reply in query_sites(grid, cfg, "reference"):
+        for reply in query_sites(grid, cfg, "reference", asked=result.asked):
             metrics = reply.content[METRICS]
             summaries[site_name(reply)] = (float(metrics["spacing-median-mm"]), int(metrics["n-images"] or 1))
         result.cfg = cfg = cfg.replace(spacing_mm=choose_spacing(summaries))
         result.spacing_source = "median of the sites"
         log.info("reference spacing %.3g mm: the median of the sites' spacings", cfg.spacing_mm)
-    for reply in query_sites(grid, cfg, "reference"):
+    for reply in query_sites(grid, cfg, "reference", asked=result.asked):
         metrics = reply.content[METRICS]
         site = result.sites.setdefault(site_name(reply), SiteReference())
         site.spacing_mm = {k: float(metrics[f"spacing-{k}-mm"]) for k in ("median", "min", "max")}
@@ -157,7 +163,7 @@ def exchange_reference(grid: Grid, cfg: RunConfig) -> Exchange:
     _pool(result)
     if cfg.shift_dim > 0:
         result.projection = projection(NUM_FEATURES, cfg.shift_dim, seed=cfg.seed)
-        for reply in query_sites(grid, cfg, "shift", result.broadcast()):
+        for reply in query_sites(grid, cfg, "shift", result.broadcast(), asked=result.asked):
             site = result.sites.setdefault(site_name(reply), SiteReference())
             if MOMENTS in reply.content:
                 arrays = {k: v.numpy() for k, v in reply.content[MOMENTS].items()}

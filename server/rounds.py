@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
@@ -25,6 +25,11 @@ from flwr.serverapp import Grid
 from server.strategy import FedRad
 
 log = logging.getLogger("fedrad.coordinator")
+
+
+def registered_names(grid: Grid) -> dict[int, str]:
+    """Node id -> the name its site was registered under (deployment); simulation nodes have none."""
+    return {node.node_id: node.name for node in grid.get_nodes() if getattr(node, "name", "")}
 
 
 def _names(strategy: FedRad, nodes: set[int]) -> str:
@@ -46,9 +51,8 @@ def _exchange(grid: Grid, strategy: FedRad, messages: list[Message], server_roun
     makes for it once its heartbeats stop (Node Unavailable). Both are recorded here; the
     strategy sees only what the sites themselves sent.
     """
-    for node in grid.get_nodes():  # registered names (deployment), so a site lost in its first round is named
-        if getattr(node, "name", ""):
-            strategy.node_names.setdefault(node.node_id, node.name)
+    for node, name in registered_names(grid).items():  # so a site lost in its first round is named
+        strategy.node_names.setdefault(node, name)
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
     answered, kept = set(), []
@@ -65,7 +69,7 @@ def _exchange(grid: Grid, strategy: FedRad, messages: list[Message], server_roun
 
 
 def _await_rejoin(grid: Grid, strategy: FedRad, expected: set[int], wait: float, server_round: int) -> None:
-    """Give the sites of the last round that are offline now up to `wait` seconds to reconnect.
+    """Give the sites of the last round (or exchange) that are offline now up to `wait` s to reconnect.
 
     Why: a crashed site that its service manager restarts is accepted again only once its
     old session has expired, which is also when the round it missed closes (Node
@@ -93,12 +97,21 @@ def _await_rejoin(grid: Grid, strategy: FedRad, expected: set[int], wait: float,
 
 def run_rounds(grid: Grid, strategy: FedRad, arrays: ArrayRecord, *, first: int, last: int, timeout: float,
                train_config: ConfigRecord, evaluate_config: ConfigRecord, rejoin_wait: float = 0.0,
+               asked_before: Mapping[int, str] | None = None,
                on_round_end: Callable[[int, ArrayRecord], None] | None = None) -> ArrayRecord:
-    """Run rounds first..last (inclusive; none when first > last); return the final global arrays."""
+    """Run rounds first..last (inclusive; none when first > last); return the final global arrays.
+
+    `asked_before`: node id -> registered name ("" if none) of the sites messaged just before
+    round `first` (the reference exchange); like a round's sites, those offline when it
+    starts are waited for up to `rejoin_wait` s.
+    """
     if first > last:
         log.info("rounds 1..%d are already done (resumed from a checkpoint): nothing to train; use another "
                  "out-dir to train this experiment again", first - 1)
-    last_sent: set[int] = set()  # the sites of the previous round's training
+    for node, name in (asked_before or {}).items():
+        if name:
+            strategy.node_names.setdefault(node, name)
+    last_sent = set(asked_before or {})  # the sites messaged in the previous round (or exchange)
     for server_round in range(first, last + 1):
         _await_rejoin(grid, strategy, last_sent, rejoin_wait, server_round)
         log.info("round %d of %d: training", server_round, last)
@@ -109,6 +122,7 @@ def run_rounds(grid: Grid, strategy: FedRad, arrays: ArrayRecord, *, first: int,
         if new_arrays is not None:
             arrays = new_arrays
         sent = list(strategy.configure_evaluate(server_round, arrays, evaluate_config, grid))
+        last_sent |= {m.metadata.dst_node_id for m in sent}
         replies = _exchange(grid, strategy, sent, server_round, "evaluate", timeout)
         strategy.aggregate_evaluate(server_round, replies)
         if on_round_end is not None:

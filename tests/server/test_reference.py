@@ -1,6 +1,7 @@
 """The coordinator's reference exchange and per-round shift score: mock sites in, exact arithmetic out."""
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,6 +33,9 @@ class FakeGrid:
 
     def get_node_ids(self):
         return [1, 2, 3]
+
+    def get_nodes(self):  # as a deployment's SuperLink lists them: with the names the sites were registered under
+        return [SimpleNamespace(node_id=node, name="abc"[node - 1]) for node in self.get_node_ids()]
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
@@ -65,6 +69,7 @@ def test_the_reference_pools_the_usable_histograms_and_leaves_out_a_constant_sit
     kinds = [m.content["config"]["fedrad-query"] for m in grid.sent]
     assert kinds == ["reference"] * 3 + ["reference"] * 3 + ["shift"] * 3  # spacings, histograms, moments
     assert all(m.metadata.message_type == "query" for m in grid.sent)
+    assert result.asked == {1: "a", 2: "b", 3: "c"}  # round 1 waits for these if one drops out (rejoin-wait)
     assert result.cfg.spacing_mm == 0.9 and result.spacing_source == "median of the sites"  # 70 x 0.7, 80 x 0.9, 10 x 1.0
     np.testing.assert_array_equal(result.reference, pool_histograms([intensity_histogram(SITES[s][2]) for s in "ab"]))
     assert "site c: all its intensities fall in one 2 HU bin" in caplog.text and result.sites["c"].excluded

@@ -27,9 +27,9 @@ class FakeGrid:
     until its restarted daemon is let back in.
     """
 
-    def __init__(self, offline_s=0.0):
+    def __init__(self, offline_s=0.0, start_offline=False):
         self.rounds_seen, self.sent_to = [], []
-        self.offline_s, self.back_at = offline_s, 0.0
+        self.offline_s, self.back_at = offline_s, time.monotonic() + offline_s if start_offline else 0.0
 
     def get_node_ids(self):
         return [1, 2] if time.monotonic() < self.back_at else [1, 2, 3]
@@ -83,10 +83,10 @@ def test_no_rounds_left_runs_nothing():
     assert grid.rounds_seen == []
 
 
-def run(grid, *, rejoin_wait, first=3, last=4):
+def run(grid, *, rejoin_wait, first=3, last=4, asked_before=None):
     strategy = FedRad(expected=spec_of(SHARED), min_sites=2)
     run_rounds(grid, strategy, from_numpy(SHARED), first=first, last=last, timeout=5.0, rejoin_wait=rejoin_wait,
-               train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
+               train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}), asked_before=asked_before)
     return {(kind, r) for kind, r, node in grid.sent_to if node == 3}
 
 
@@ -105,3 +105,12 @@ def test_a_site_that_does_not_come_back_is_waited_for_once(caplog):
     assert not any(kind == "train" and r > 3 for kind, r in c_got)
     assert caplog.text.count("waiting up to") == 1  # before round 4 only: c was not in rounds 4 and 5
     assert "round 4: c not back after 0.3 s; the round goes on without them" in caplog.text
+
+
+def test_a_site_lost_in_the_exchange_before_round_one_is_waited_for_by_name(caplog):
+    caplog.set_level("INFO", logger="fedrad.coordinator")
+    asked = {1: "a", 2: "b", 3: "c"}  # the reference exchange's sites; c dropped out during it
+    assert ("train", 1) in run(FakeGrid(offline_s=0.5, start_offline=True), rejoin_wait=30.0, first=1, last=1,
+                               asked_before=asked)
+    assert "round 1: waiting up to 30 s for c to reconnect" in caplog.text
+    assert ("train", 1) not in run(FakeGrid(offline_s=0.5, start_offline=True), rejoin_wait=30.0, first=1, last=1)
