@@ -81,18 +81,18 @@ def _await_rejoin(grid: Grid, strategy: FedRad, expected: set[int], wait: float,
     missing = expected - set(grid.get_node_ids())
     if not missing or wait <= 0:
         return
+    lost = missing
     log.info("round %d: waiting up to %g s for %s to reconnect (rejoin-wait)", server_round, wait,
-             _names(strategy, missing))
+             _names(strategy, lost))
     deadline = time.monotonic() + wait
     while missing and (left := deadline - time.monotonic()) > 0:
         time.sleep(min(1.0, left))
         missing = expected - set(grid.get_node_ids())
     if missing:
-        log.warning("round %d: %s not back after %g s; the round goes on without them",
-                    server_round,
+        log.warning("round %d: %s not back after %g s; the round goes on without them", server_round,
                     _names(strategy, missing), wait)
     else:
-        log.info("round %d: every site of the last round is connected; the round starts", server_round)
+        log.info("round %d: %s reconnected; the round starts", server_round, _names(strategy, lost))
 
 
 def run_rounds(grid: Grid, strategy: FedRad, arrays: ArrayRecord, *, first: int, last: int, timeout: float,

@@ -95,6 +95,7 @@ def test_a_site_lost_in_a_round_is_waited_for_before_the_next(caplog):
     c_got = run(FakeGrid(offline_s=0.5), rejoin_wait=30.0)
     assert ("train", 4) in c_got  # back after 0.5 s: round 4 waited for it
     assert "round 4: waiting up to 30 s for c to reconnect" in caplog.text
+    assert "round 4: c reconnected; the round starts" in caplog.text
     # without the wait round 4 starts while c is still offline and leaves it out
     assert ("train", 4) not in run(FakeGrid(offline_s=0.5), rejoin_wait=0.0)
 
