@@ -24,6 +24,7 @@ def test_round_trip_and_overrides():
     ({"bn-mode": "silly"}, ValueError, "bn-mode must be one of"),
     ({"batch-size": 1}, ValueError, "batch-size must be >= 2"),
     ({"lr-decay": 0.0}, ValueError, "lr-decay must be in"),
+    ({"rejoin-wait": -1.0}, ValueError, "rejoin-wait must be >= 0"),
 ])
 def test_bad_values_are_refused_by_name(values, error, match):
     with pytest.raises(error, match=match):
