@@ -6,13 +6,15 @@ import json
 import re
 import shlex
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from common.cli import build_parser
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
 
 
 def fedrad_args(command_line: list[str]) -> list[str]:
@@ -61,3 +63,27 @@ def test_local_demo_is_valid_bash_and_stops_only_its_own_pids():
     text = script.read_text()
     assert "trap cleanup EXIT" in text
     assert not re.search(r"\b(pkill|killall)\b", text)
+
+
+def pins(lines) -> dict[str, str]:
+    """{normalised name: version} of `name==version` requirement lines (extras dropped)."""
+    out = {}
+    for line in lines:
+        if (m := re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==([^\s;#]+)\s*", line)):
+            out[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(3)
+    return out
+
+
+def test_every_dependency_is_pinned_and_the_constraints_agree():
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        project = tomllib.load(f)["project"]
+    direct = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    assert len(pins(direct)) == len(direct), f"unpinned: {[d for d in direct if '==' not in d]}"
+    constrained = pins((ROOT / "constraints.txt").read_text().splitlines())
+    assert len(constrained) > 50  # the transitive closure, not only our own list
+    differ = {name: (version, constrained.get(name)) for name, version in pins(direct).items()
+              if constrained.get(name) != version}
+    assert not differ, f"pyproject.toml pin vs constraints.txt: {differ}; run `make constraints`"
+    for installer in (ROOT / "Makefile", DEPLOY / "site" / "Containerfile", DEPLOY / "coordinator" / "Containerfile"):
+        text = installer.read_text()
+        assert re.search(r"-c constraints\.txt -e '?\.", text), f"{installer} installs fedrad without constraints.txt"
