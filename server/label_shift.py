@@ -7,7 +7,8 @@ reference its posteriors and corrections are expressed against.
 
 Per site the report shows what the site measured in the last round (`client.site_shift`):
 the estimated priors, ECE / Brier / balanced accuracy before and after correction, global
-vs personalised AUC and the concept-shift flag, with the site's fallback reasons turned
+vs personalised AUC and the concept-shift flag (with a 95 % interval of the disagreement
+rate behind it), with the site's fallback reasons turned
 into sentences (`common.shift_flags`). In simulation the true prior comes from the
 generator's `truth.json`: P(malignant) among the site's unlabelled images (what its EM
 estimate is measured against), or among all its images when it has none.
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord
+from scipy.stats import binomtest
 
 from common.labelshift import prior_from_counts
 from common.records import CLASS_COUNTS
@@ -70,12 +72,28 @@ def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def disagreement_interval(rate: float | None, n_test: float | None) -> list[float] | None:
+    """Wilson 95 % interval [low, high] of a disagreement rate measured on `n_test` test images.
+
+    Why: the concept-shift flag compares one rate with a threshold, and on the 80-200 test
+    images a site typically has, a rate near 0.15 has a standard error of 0.025-0.04. The
+    interval tells a reader whether a flag (or its absence) is clear-cut or marginal. The
+    count is recovered from the rate (the site sends the rate, not per-image decisions).
+    """
+    if rate is None or not n_test or n_test < 1:
+        return None
+    n = int(round(n_test))
+    interval = binomtest(int(round(rate * n)), n).proportion_ci(0.95, method="wilson")
+    return [float(interval.low), float(interval.high)]
+
+
 def site_fields(name: str, last_eval: Mapping[str, float], truth: Mapping[str, Any] | None) -> dict[str, Any]:
     """The label-shift keys of one site's row in report.json (null where the site measured nothing)."""
     truth = truth or {}
     unlabelled = truth.get("prior_unlabelled_true")
     fields: dict[str, Any] = {"prior_true": _finite(truth.get("prior_true") if unlabelled is None else unlabelled)}
     fields.update({key: _finite(last_eval.get(metric)) for key, metric in REPORT_KEYS.items()})
+    fields["disagreement_ci95"] = disagreement_interval(fields["disagreement"], _finite(last_eval.get("num-examples")))
     concept = last_eval.get("concept-shift")
     fields["concept_shift"] = None if concept is None else bool(concept)
     fields["label_shift_warnings"] = describe(int(last_eval.get("label-shift-flags", 0)), name)
@@ -84,6 +102,10 @@ def site_fields(name: str, last_eval: Mapping[str, float], truth: Mapping[str, A
 
 def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.3f}"
+
+
+def _interval(bounds: list[float] | None) -> str:
+    return "" if not bounds else f" [{bounds[0]:.2f}, {bounds[1]:.2f}]"
 
 
 def markdown_section(report: Mapping[str, Any]) -> list[str]:
@@ -100,7 +122,8 @@ def markdown_section(report: Mapping[str, Any]) -> list[str]:
              "accuracy at threshold 0.5 may fall after correction at a skewed prior: Bayes decisions maximise "
              "accuracy, not balanced accuracy. ECE floor: the ECE perfectly calibrated posteriors would score on "
              "this many test images (ECE is biased upward on small splits); an ECE near it is as good as "
-             "this split can tell.", "",
+             "this split can tell. Disagreement: the share of test images on which the personalised decision "
+             "layer and the federation's reading disagree, with its Wilson 95 % interval.", "",
              "| site | n unlabelled | prior true | EM | BBSE | prior used | ECE before → after (floor) | "
              "Brier before → after | bal. acc. before → after | AUC global | AUC personalised | disagreement |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -112,7 +135,7 @@ def markdown_section(report: Mapping[str, Any]) -> list[str]:
                      f"{_fmt(s.get('brier_uncorrected'))} → {_fmt(s.get('brier_corrected'))} | "
                      f"{_fmt(s.get('balanced_accuracy_uncorrected'))} → {_fmt(s.get('balanced_accuracy_corrected'))} | "
                      f"{_fmt(s.get('auc'))} | {_fmt(s.get('auc_personalised'))} | "
-                     f"{_fmt(s.get('disagreement'))}{flag} |")
+                     f"{_fmt(s.get('disagreement'))}{_interval(s.get('disagreement_ci95'))}{flag} |")
     flagged = [s["name"] for s in sites if s.get("concept_shift")]
     if flagged:
         lines += ["", f"⚑ Concept shift suspected at {', '.join(flagged)}: the site's personalised decision layer "

@@ -64,6 +64,7 @@ def test_site_fields_take_truth_from_the_simulation_and_name_the_site(tmp_path):
     assert row["label_shift_warnings"] == ["site site-b: EM did not converge. No label-shift correction: its "
                                            "posteriors are the global model's."]
     assert site_fields("site-c", {}, truth["site-c"])["prior_true"] == 0.2  # no unlabelled images: the site's prior
+    assert row["disagreement_ci95"] is None  # no rate measured, no interval
     assert load_truth("") == {} and load_truth(str(tmp_path / "absent")) == {}
 
 
@@ -84,4 +85,7 @@ def test_report_has_the_label_shift_keys_and_section(tmp_path):
     assert report["prior_train"] == pytest.approx(81 / 102)
     text = to_markdown(report)
     assert "Concept shift suspected at site-b" in text and "0.120 → 0.040 (0.020)" in text
+    # 10 of 50 test images disagree: Wilson 95 % interval (z = 1.96) by hand, 0.112 to 0.330
+    assert row["disagreement_ci95"] == pytest.approx([0.1124, 0.3304], abs=1e-4)
+    assert "0.200 [0.11, 0.33] ⚑" in text
     assert markdown_section({"sites": [{"name": "x"}]}) == []  # nothing measured: no section
