@@ -98,7 +98,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     console = Console()
     console.print(table)
     console.print(f"full-model FedAvg would send {report['full_model_bytes']:,} bytes a round; "
-                  f"report: {args.out / 'report.md'}")
+                  f"report: {args.out / 'report.md'}", soft_wrap=True)  # a path to copy: never wrapped
     return 0
 
 
@@ -126,7 +126,7 @@ def cmd_shift(args: argparse.Namespace) -> int:
         table.add_row(s["name"], f"{s['spacing_mm'].get('median', 0):.2f}", f"{fmt(s['pre_off'])} → {fmt(s['pre_on'])}",
                       f"{fmt(s['final_off'])} → {fmt(s['final_on'])}", f"{fmt(s['auc_off'])} → {fmt(s['auc_on'])}")
     console.print(table)
-    console.print(f"written: {args.out / 'shift.json'}, {args.out / 'shift.md'}")
+    console.print(f"written: {args.out / 'shift.json'}, {args.out / 'shift.md'}", soft_wrap=True)
     return 0
 
 
@@ -155,7 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         elif isinstance(value, int) and not isinstance(value, bool):
             table.add_row(key, f"{value:,}")
     console.print(table)
-    console.print(f"written: {args.out / 'bench.json'}")
+    console.print(f"written: {args.out / 'bench.json'}", soft_wrap=True)
     return 0
 
 
