@@ -32,6 +32,13 @@ def registered_names(grid: Grid) -> dict[int, str]:
     return {node.node_id: node.name for node in grid.get_nodes() if getattr(node, "name", "")}
 
 
+def _learn_names(strategy: FedRad, names: Mapping[int, str]) -> None:
+    """Remember each node's site name (first one wins; "" means none known)."""
+    for node, name in names.items():
+        if name:
+            strategy.node_names.setdefault(node, name)
+
+
 def _names(strategy: FedRad, nodes: set[int]) -> str:
     """Site names where known (the registry's, in deployment), else `node-<id>`."""
     return ", ".join(sorted(strategy.node_names.get(node, f"node-{node}") for node in nodes))
@@ -51,8 +58,7 @@ def _exchange(grid: Grid, strategy: FedRad, messages: list[Message], server_roun
     makes for it once its heartbeats stop (Node Unavailable). Both are recorded here; the
     strategy sees only what the sites themselves sent.
     """
-    for node, name in registered_names(grid).items():  # so a site lost in its first round is named
-        strategy.node_names.setdefault(node, name)
+    _learn_names(strategy, registered_names(grid))  # so a site lost in its first round is named
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
     answered, kept = set(), []
@@ -108,9 +114,7 @@ def run_rounds(grid: Grid, strategy: FedRad, arrays: ArrayRecord, *, first: int,
     if first > last:
         log.info("rounds 1..%d are already done (resumed from a checkpoint): nothing to train; use another "
                  "out-dir to train this experiment again", first - 1)
-    for node, name in (asked_before or {}).items():
-        if name:
-            strategy.node_names.setdefault(node, name)
+    _learn_names(strategy, asked_before or {})
     last_sent = set(asked_before or {})  # the sites messaged in the previous round (or exchange)
     for server_round in range(first, last + 1):
         _await_rejoin(grid, strategy, last_sent, rejoin_wait, server_round)
