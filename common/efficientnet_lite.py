@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from common.depthwise import depthwise_conv2d
+
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01  # TF's 0.99 decay, in PyTorch's convention
 NUM_FEATURES = 1280
@@ -62,9 +64,12 @@ class SameConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = same_padding(tuple(x.shape[-2:]), self.kernel_size, self.stride)
-        if pads[0] == pads[1] and pads[2] == pads[3]:  # symmetric (every stride-1 conv): the conv pads itself, no copy
-            return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]), self.dilation, self.groups)
-        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        padding = (pads[2], pads[0])
+        if pads[0] != pads[1] or pads[2] != pads[3]:  # asymmetric (stride 2): pad first; symmetric: the conv pads
+            x, padding = F.pad(x, pads), (0, 0)
+        if self.groups > 1 and self.groups == self.in_channels and self.bias is None:
+            return depthwise_conv2d(x, self.weight, self.stride, padding)  # a faster weight gradient on small maps
+        return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
 @functools.lru_cache(maxsize=256)
@@ -146,8 +151,15 @@ class EfficientNetLite0(nn.Module):
         return x
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Global average pooling of the head conv's map: the 1280-d penultimate features."""
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        """Global average pooling of the head conv's map: the 1280-d penultimate features.
+
+        Written as a sum then a division on the pooled (N, 1280) tensor: its gradient then
+        reaches the head's ReLU6 and BatchNorm as a broadcast in the map's own (channels-last)
+        layout; `adaptive_avg_pool2d` and `mean` hand back a differently laid out gradient,
+        which sent BatchNorm's backward down a slow path (measured, batch 32 at 96 px, one
+        thread: head BN + ReLU6 + pooling backward 9.2 -> 2.3 ms).
+        """
+        return x.sum((2, 3)) / (x.shape[2] * x.shape[3])
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled 1280-d penultimate features."""
