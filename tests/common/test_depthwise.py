@@ -19,9 +19,10 @@ def _case(size: int, stride: int, channels: int = 24, kernel: int = 5, seed: int
     return x, weight, (pads[2], pads[0])
 
 
-@pytest.mark.parametrize(("size", "stride"), [(3, 1), (6, 1), (6, 2), (7, 1), (8, 1), (12, 2), (4, 2)])
+@pytest.mark.parametrize(("size", "stride"), [(3, 1), (4, 1), (6, 1), (7, 1), (8, 1), (3, 2), (7, 2), (13, 2)])
 def test_split_weight_gradient_equals_autograd_through_conv2d(size, stride):
     x, weight, padding = _case(size, stride)
+    assert padding == (2, 2)  # the symmetric "same" padding the split handles
     plain_x, plain_w = x.clone().requires_grad_(), weight.clone().requires_grad_()
     out = F.conv2d(plain_x, plain_w, None, stride, padding, 1, weight.shape[0])
     grad_out = torch.randn_like(out)
@@ -54,6 +55,10 @@ def test_the_split_is_used_only_where_it_was_measured_faster():
     assert not uses_split(x, frozen, (1, 1), padding)  # a frozen layer has no weight gradient
     big, big_w, big_pad = _case(SMALL_MAP + 1, 1)
     assert not uses_split(big, big_w.requires_grad_(), (1, 1), big_pad)
+    padded, padded_w, no_pad = _case(6, 2)  # TF pads (1, 2) here: the input comes pre-padded
+    assert no_pad == (0, 0) and not uses_split(padded, padded_w.requires_grad_(), (2, 2), no_pad)
+    with pytest.raises(ValueError, match="padding >= 1"):
+        split_weight_grad(torch.zeros(4, 24, 2, 2), padded, padded_w, (2, 2), no_pad)
     x3, w3, pad3 = _case(3, 1, kernel=3)
     assert not uses_split(x3, w3.requires_grad_(), (1, 1), pad3)  # oneDNN's 3x3 gradient is fast already
     with torch.no_grad():  # evaluation: no graph, the plain call
