@@ -154,6 +154,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             table.add_row(key, f"{value:,.3f}")
         elif isinstance(value, int) and not isinstance(value, bool):
             table.add_row(key, f"{value:,}")
+        elif isinstance(value, list):
+            table.add_row(key, ", ".join(str(v) for v in value))
     console.print(table)
     console.print(f"written: {args.out / 'bench.json'}", soft_wrap=True)
     return 0

@@ -41,3 +41,34 @@ def test_gpu_bench_script_runs_on_cpu(tmp_path):
     results = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert results["device"] == "cpu" and results["train_images_per_second"] > 0
     assert results["bare_fwd_bwd_images_per_second"] > 0 and 0 < results["train_vs_bare"]
+
+
+def test_cached_and_uncached_epochs_alternate_and_the_figures_agree(tmp_path, monkeypatch):
+    """The two kinds of epoch are timed turn about (machine drift must not enter the ratio)."""
+    import numpy as np
+
+    import client.train
+    from client.dataset import SiteData
+    from server.bench import epoch_seconds
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 3, 32, 32)).astype(np.float32)
+    keys = tuple(f"img{i}" for i in range(8))
+    data = SiteData(name="s", x_train=x, y_train=np.arange(8) % 2, x_test=x[:2], y_test=np.arange(2),
+                    x_unlabelled=np.zeros((0, 3, 32, 32), np.float32), spacings_mm=np.zeros((0, 2)),
+                    keys_train=keys, keys_test=keys[:2])
+    order = []
+    real_fit = client.train.fit
+
+    def spy(model, inputs, *args, **kwargs):
+        order.append("uncached" if inputs.forward is model else "cached")
+        return real_fit(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(client.train, "fit", spy)
+    cfg = RunConfig(freeze_blocks=14, batch_size=4, fov_mm=16.0, augment="none")
+    figures = epoch_seconds(cfg, data, tmp_path, epochs=3)
+    assert order == ["uncached", "cached"] * 4  # one warm-up pair, then three timed pairs
+    assert figures["cache_speedup"] == pytest.approx(figures["epoch_seconds_uncached"] / figures["epoch_seconds_cached"])
+    assert len(figures["cache_speedup_per_pair"]) == 3
+    assert figures["images_per_second"] == pytest.approx(8 / figures["epoch_seconds_cached"])
+    assert figures["cache_build_seconds"] > 0
