@@ -67,7 +67,8 @@ class SameConv2d(nn.Conv2d):
         padding = (pads[2], pads[0])
         if pads[0] != pads[1] or pads[2] != pads[3]:  # asymmetric (stride 2): pad first; symmetric: the conv pads
             x, padding = F.pad(x, pads), (0, 0)
-        if self.groups > 1 and self.groups == self.in_channels and self.bias is None:
+        depthwise = self.groups == self.in_channels == self.out_channels > 1
+        if depthwise and self.bias is None and self.dilation == (1, 1):
             return depthwise_conv2d(x, self.weight, self.stride, padding)  # a faster weight gradient on small maps
         return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 

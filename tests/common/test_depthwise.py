@@ -71,12 +71,21 @@ def test_a_trainable_block_gets_the_same_gradients_as_with_plain_conv2d():
     torch.manual_seed(0)
     conv = SameConv2d(16, 16, 5, groups=16, bias=False)
     x = torch.randn(8, 16, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
-    conv(x).square().sum().backward()
+    out = conv(x)
+    assert "SplitGrad" in type(out.grad_fn).__name__
+    out.square().sum().backward()
     ref_w = conv.weight.detach().clone().requires_grad_()
     ref_x = x.detach().clone().requires_grad_()
     F.conv2d(ref_x, ref_w, None, 1, 2, 1, 16).square().sum().backward()
     torch.testing.assert_close(conv.weight.grad, ref_w.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, ref_x.grad)
+
+
+def test_only_plain_depthwise_layers_take_the_split():
+    """A grouped (not depthwise) or channel-multiplying convolution keeps F.conv2d."""
+    x = torch.randn(2, 16, 3, 3).contiguous(memory_format=torch.channels_last)
+    for conv in (SameConv2d(16, 16, 5, groups=8, bias=False), SameConv2d(16, 32, 5, groups=16, bias=False)):
+        assert "SplitGrad" not in type(conv(x).grad_fn).__name__
 
 
 def test_pooling_is_the_global_average():
