@@ -63,14 +63,23 @@ class SameConv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = same_padding(tuple(x.shape[-2:]), self.kernel_size, self.stride)
-        padding = (pads[2], pads[0])
-        if pads[0] != pads[1] or pads[2] != pads[3]:  # asymmetric (stride 2): pad first; symmetric: the conv pads
-            x, padding = F.pad(x, pads), (0, 0)
+        x, padding = same_pad(x, self.kernel_size, self.stride)
         depthwise = self.groups == self.in_channels == self.out_channels > 1
         if depthwise and self.bias is None and self.dilation == (1, 1):
             return depthwise_conv2d(x, self.weight, self.stride, padding)  # a faster weight gradient on small maps
         return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+def same_pad(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(input, padding) for a convolution with TF "same" padding.
+
+    Symmetric (every stride-1 conv): the input as is, the convolution pads itself (no copy).
+    Asymmetric (stride 2): the input padded here, padding (0, 0).
+    """
+    pads = same_padding(tuple(x.shape[-2:]), kernel, stride)
+    if pads[0] == pads[1] and pads[2] == pads[3]:
+        return x, (pads[2], pads[0])
+    return F.pad(x, pads), (0, 0)
 
 
 @functools.lru_cache(maxsize=256)

@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from common.depthwise import SMALL_MAP, depthwise_conv2d, split_weight_grad, uses_split
-from common.efficientnet_lite import SameConv2d, efficientnet_lite0, same_padding
+from common.efficientnet_lite import SameConv2d, efficientnet_lite0, same_pad
 
 
 def _case(size: int, stride: int, channels: int = 24, kernel: int = 5, seed: int = 0):
@@ -13,10 +13,8 @@ def _case(size: int, stride: int, channels: int = 24, kernel: int = 5, seed: int
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(4, channels, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(channels, 1, kernel, kernel, generator=gen)
-    pads = same_padding((size, size), (kernel, kernel), (stride, stride))
-    if pads[0] != pads[1] or pads[2] != pads[3]:
-        return F.pad(x, pads), weight, (0, 0)
-    return x, weight, (pads[2], pads[0])
+    x, padding = same_pad(x, (kernel, kernel), (stride, stride))
+    return x, weight, padding
 
 
 @pytest.mark.parametrize(("size", "stride"), [(3, 1), (4, 1), (6, 1), (7, 1), (8, 1), (3, 2), (7, 2), (13, 2)])
