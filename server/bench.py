@@ -31,15 +31,6 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 }
 
 
-def _warm_up() -> None:
-    """Pay the process's one-off costs first: the first optimizer step imports `torch._dynamo` (~2 s)."""
-    import torch
-
-    param = torch.nn.Parameter(torch.zeros(1))
-    param.grad = torch.zeros(1)
-    torch.optim.AdamW([param]).step()
-
-
 def _training_setup(cfg, data, work: Path, *, cached: bool):  # noqa: ANN001, ANN202
     """(train-one-epoch callable, seconds to build its inputs): the model and inputs local training would use."""
     from client.cache import MEMORY
@@ -65,7 +56,8 @@ def epoch_seconds(cfg, data, work: Path, *, epochs: int = 5) -> dict[str, Any]: 
     """Median epoch seconds with and without the feature cache, their ratio, the cache's build time.
 
     The two kinds of epoch alternate (uncached, cached, uncached, ...) after one warm-up
-    epoch each: on a shared machine the speed drifts by 10-20 % within a minute, and
+    epoch each, which also pays the process's one-off costs (the first optimizer step
+    imports `torch._dynamo`, ~2 s): on a shared machine the speed drifts by 10-20 % within a minute, and
     measuring all uncached epochs first, then all cached ones, put that drift into the
     ratio (the same commit measured 4.4x and 6.0x in two runs).
     """
@@ -165,7 +157,6 @@ def run_bench(data: Path, out: Path, *, simulate: bool = True, progress=print) -
     site = load_site(site_dir, raw_preprocessor(cfg))
     results: dict[str, Any] = {"site": site.name, "n_train": len(site.y_train), "freeze_blocks": cfg.freeze_blocks,
                                "augment": cfg.augment, "image_px": cfg.image_size}
-    _warm_up()
     with tempfile.TemporaryDirectory() as work:
         progress("local training with and without the feature cache, alternating epochs ...")
         results.update(epoch_seconds(cfg, site, Path(work)))

@@ -8,6 +8,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from client.dataset import SiteData
+
 _SOP_CLASS = {
     "CT": "1.2.840.10008.5.1.4.1.1.2",
     "MR": "1.2.840.10008.5.1.4.1.1.4",
@@ -115,3 +117,14 @@ def tiny_site(root: Path, *, name: str = "tiny", n_patients: int = 16, seed: int
     (folder,) = generate(root, sites=[SiteSpec(name=name, n_patients=n_patients, **fields)], seed=seed,
                          image_size=image_size)
     return folder
+
+
+def array_site(n: int = 12, size: int = 32, seed: int = 0) -> SiteData:
+    """A site already as arrays (random images, alternating labels): for training code, no DICOM."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3, size, size)).astype(np.float32)
+    y = (np.arange(n) % 2).astype(np.int64)
+    keys = tuple(f"img{seed}-{i}" for i in range(n))
+    return SiteData(name="s", x_train=x, y_train=y, x_test=x[:4], y_test=y[:4],
+                    x_unlabelled=np.zeros((0, 3, size, size), np.float32), spacings_mm=np.zeros((0, 2)),
+                    keys_train=keys, keys_test=keys[:4])

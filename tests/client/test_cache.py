@@ -7,22 +7,12 @@ import pytest
 import torch
 
 from client.cache import MEMORY, Entry, FeatureCache, MemoryLayer, dihedral
-from client.dataset import SiteData
 from client.features import prefix_bn_layers, site_inputs
 from client.train import build_model, fit, pixel_inputs, predict_proba
 from common.config import RunConfig
+from tests.helpers import array_site as site
 
 CPU = torch.device("cpu")
-
-
-def site(n=12, size=32, seed=0) -> SiteData:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 3, size, size)).astype(np.float32)
-    y = np.arange(n) % 2
-    keys = tuple(f"img{seed}-{i}" for i in range(n))
-    return SiteData(name="s", x_train=x, y_train=y.astype(np.int64), x_test=x[:4], y_test=y[:4].astype(np.int64),
-                    x_unlabelled=np.zeros((0, 3, size, size), np.float32), spacings_mm=np.zeros((0, 2)),
-                    keys_train=keys, keys_test=keys[:4])
 
 
 @pytest.fixture(autouse=True)

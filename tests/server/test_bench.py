@@ -45,18 +45,11 @@ def test_gpu_bench_script_runs_on_cpu(tmp_path):
 
 def test_cached_and_uncached_epochs_alternate_and_the_figures_agree(tmp_path, monkeypatch):
     """The two kinds of epoch are timed turn about (machine drift must not enter the ratio)."""
-    import numpy as np
-
     import client.train
-    from client.dataset import SiteData
     from server.bench import epoch_seconds
+    from tests.helpers import array_site
 
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(8, 3, 32, 32)).astype(np.float32)
-    keys = tuple(f"img{i}" for i in range(8))
-    data = SiteData(name="s", x_train=x, y_train=np.arange(8) % 2, x_test=x[:2], y_test=np.arange(2),
-                    x_unlabelled=np.zeros((0, 3, 32, 32), np.float32), spacings_mm=np.zeros((0, 2)),
-                    keys_train=keys, keys_test=keys[:2])
+    data = array_site(n=8)
     order = []
     real_fit = client.train.fit
 
