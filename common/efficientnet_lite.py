@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.depthwise import depthwise_conv2d
+from common.pointwise import pointwise_conv2d
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01  # TF's 0.99 decay, in PyTorch's convention
@@ -63,6 +64,8 @@ class SameConv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1:
+            return pointwise_conv2d(x, self.weight, self.bias)  # a matrix product on small maps
         x, padding = same_pad(x, self.kernel_size, self.stride)
         depthwise = self.groups == self.in_channels == self.out_channels > 1
         if depthwise and self.bias is None and self.dilation == (1, 1):
