@@ -35,7 +35,10 @@ import torch
 
 from client.lru import BoundedLRU
 
-CACHE_VERSION = 1
+# Bumped whenever the prefix's numbers change, even by float rounding (2: 1x1 layers on
+# small maps became matrix products, common/pointwise.py): one fedrad version then gives the
+# same results whatever an older run left in a site's cache.
+CACHE_VERSION = 2
 
 
 def cache_folder(work_dir: Path | str) -> Path:
@@ -51,8 +54,11 @@ def dihedral(x: torch.Tensor, view: int) -> torch.Tensor:
 
 
 def cache_key(**parts: object) -> str:
-    """Stable hash of the settings the prefix output depends on."""
-    blob = json.dumps({"version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
+    """Stable hash of the settings the prefix output depends on, and of the code computing it.
+
+    torch's version is part of it: another torch brings other kernels, hence other rounding.
+    """
+    blob = json.dumps({"version": CACHE_VERSION, "torch": torch.__version__, **parts}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

@@ -125,3 +125,16 @@ def test_memory_layer_counts_a_replaced_entry_once():
     layer.put(Path("a"), entry(400))  # the same file again: 400 bytes held, not 800
     layer.put(Path("b"), entry(500))
     assert layer.get(Path("a")) is not None and layer.get(Path("b")) is not None
+
+
+def test_the_cache_key_changes_with_the_code_that_computes_the_prefix(monkeypatch):
+    """Another torch (other kernels) or a bumped cache version is a miss, not a stale hit with other rounding."""
+    from client import cache
+
+    key = cache.cache_key(freeze_blocks=14)
+    assert cache.cache_key(freeze_blocks=14) == key
+    monkeypatch.setattr(cache.torch, "__version__", "0.0.0")
+    assert cache.cache_key(freeze_blocks=14) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(cache, "CACHE_VERSION", cache.CACHE_VERSION + 1)
+    assert cache.cache_key(freeze_blocks=14) != key
