@@ -2,7 +2,7 @@
 
 Per message the site (1) reads its own DICOM folder, (2) builds the pretrained model and
 loads the coordinator's shared weights plus its own BatchNorm (from the node's state, or
-from its own disk after a restart: `client.local_state`), (3) trains or evaluates, (4)
+from its own disk after a restart: `fedrad.client.local_state`), (3) trains or evaluates, (4)
 keeps its BN in both places, and (5) replies with the shared weights and
 scalar aggregates only, after the egress whitelist has checked the reply.
 
@@ -18,32 +18,57 @@ import logging
 from pathlib import Path
 
 import numpy as np
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.cache import cache_folder
-from client.dataset import SiteData
-from client.features import SiteInputs, site_inputs
-from client.local_state import LocalStateStore
-from client.moments import feature_moments, pretrained_moments
-from client.outputs import SiteOutputs
-from client.reference import load_inputs, site_intensity
-from client.site_shift import evaluate_site
-from client.train import build_model, fit, pick_device
-from common.config import RunConfig
-from common.efficientnet_lite import EfficientNetLite0
-from common.egress import EgressPolicy, aggregate_records, check_egress
-from common.feature_shift import Moments
-from common.finetune import local_keys
-from common.finetune import site_bn_stat_keys
-from common.labelshift import logit_adjustment
-from common.records import (ARRAYS, CLASS_COUNTS, CONFIG, EVAL_METRICS, FEDERATION_ID, LABEL_SHIFT, METRICS,
-                            NUM_EXAMPLES, SITE, TRAIN_METRICS, describe, from_array_record, to_array_record)
-from common.records import BN_SAMPLES, BN_STATS
-from common.records import (HISTOGRAM, INTENSITY, MOMENTS, N_FEATURES, PROJECTION, QUERY_KIND, QUERY_KINDS, REFERENCE,
-                            REFERENCE_HISTOGRAM, REFERENCE_METRICS, from_numpy, moment_keys)
-from common.sites import discover_sites
+from fedrad.client.cache import cache_folder
+from fedrad.client.dataset import SiteData
+from fedrad.client.features import SiteInputs, site_inputs
+from fedrad.client.local_state import LocalStateStore
+from fedrad.client.moments import feature_moments, pretrained_moments
+from fedrad.client.outputs import SiteOutputs
+from fedrad.client.reference import load_inputs, site_intensity
+from fedrad.client.site_shift import evaluate_site
+from fedrad.client.train import fit, pick_device
+from fedrad.common.config import RunConfig
+from fedrad.common.efficientnet_lite import EfficientNetLite0
+from fedrad.common.egress import EgressPolicy, aggregate_records, check_egress
+from fedrad.common.feature_shift import Moments
+from fedrad.common.finetune import local_keys, site_bn_stat_keys
+from fedrad.common.labelshift import logit_adjustment
+from fedrad.common.model import build_model
+from fedrad.common.records import (
+    ARRAYS,
+    BN_SAMPLES,
+    BN_STATS,
+    CLASS_COUNTS,
+    CONFIG,
+    EVAL_METRICS,
+    FEDERATION_ID,
+    HISTOGRAM,
+    INTENSITY,
+    LABEL_SHIFT,
+    METRICS,
+    MOMENTS,
+    N_FEATURES,
+    NUM_EXAMPLES,
+    PROJECTION,
+    QUERY_KIND,
+    QUERY_KINDS,
+    REFERENCE,
+    REFERENCE_HISTOGRAM,
+    REFERENCE_METRICS,
+    SITE,
+    TRAIN_METRICS,
+    describe,
+    from_array_record,
+    from_numpy,
+    moment_keys,
+    prior_from_record,
+    run_config_of,
+    to_array_record,
+)
+from fedrad.common.sites import discover_sites
 
 LOCAL_STATE = "fedrad-local"  # key in context.state: this site's own BN tensors
 log = logging.getLogger("fedrad.site")
@@ -100,8 +125,7 @@ def reference_arrays(msg: Message) -> dict[str, np.ndarray]:
 
 def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, EfficientNetLite0, SiteInputs]:
     """Config from the message, the site's data, the model with shared + local weights, its inputs."""
-    run_config = {k: v for k, v in msg.content[CONFIG].items() if k not in ("server-round", FEDERATION_ID)}
-    cfg = RunConfig.from_run_config(run_config)
+    cfg = RunConfig.from_run_config(run_config_of(msg.content[CONFIG]))
     folder = site_folder(context, cfg)
     name = own_name(context, folder)
     work = work_folder(context, cfg, name)
@@ -199,11 +223,10 @@ def evaluate_(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Before round 1: the site's intensity histogram + spacing summary, or its feature moments."""
-    config = dict(msg.content[CONFIG].items())
-    kind = str(config.pop(QUERY_KIND, ""))
+    cfg = RunConfig.from_run_config(run_config_of(msg.content[CONFIG]))
+    kind = str(msg.content[CONFIG].get(QUERY_KIND, ""))
     if kind not in QUERY_KINDS:
         raise ValueError(f"Unknown query {kind!r}; this site answers {QUERY_KINDS}.")
-    cfg = RunConfig.from_run_config({k: v for k, v in config.items() if k not in ("server-round", FEDERATION_ID)})
     folder = site_folder(context, cfg)
     name = own_name(context, folder)
     if kind == "reference":
@@ -228,7 +251,4 @@ def query_reply(msg: Message, name: str, kind: str, cfg: RunConfig, records: dic
 
 def training_prior(msg: Message) -> np.ndarray | None:
     """The federation's training prior π_train, sent by the coordinator with every evaluation."""
-    if LABEL_SHIFT not in msg.content:
-        return None
-    record = msg.content[LABEL_SHIFT]
-    return np.array([float(record[f"prior-train-{c}"]) for c in range(len(CLASS_COUNTS))])  # type: ignore[index]
+    return prior_from_record(msg.content[LABEL_SHIFT]) if LABEL_SHIFT in msg.content else None  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ images (1 for test/unlabelled ones) and an epoch picks a view at random, exactly
 uncached loop does. Results are the same as without the cache (tested).
 
 The cache key covers everything the prefix output depends on: each image's content key
-(file bytes + ROI, from `client.dataset`), the preprocessing config, the backbone weights
+(file bytes + ROI, from `fedrad.client.dataset`), the preprocessing config, the backbone weights
 file, the freeze point, the number of views and the prefix-BN mode (with AdaBN, the
 re-estimated statistics are stored with the features). Change any of them and the cache
 is a miss, never stale. Nothing here is ever sent anywhere.
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.lru import BoundedLRU
+from fedrad.client.lru import BoundedLRU
 
 # Bumped whenever the prefix's numbers change, even by float rounding (2: 1x1 layers on
 # small maps became matrix products, common/pointwise.py): one fedrad version then gives the

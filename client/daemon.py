@@ -1,6 +1,6 @@
 """`fedrad site`: one hospital's long-running site daemon (a Flower SuperNode) from its bundle.
 
-The bundle (`fedrad provision` made it; see `server.provision`) gives the CA certificate to
+The bundle (`fedrad provision` made it; see `fedrad.server.provision`) gives the CA certificate to
 trust, the site's private node key and its name. This module checks what a SuperNode
 would only discover later (a world-readable key, a data folder without labels.csv), then
 builds the `flower-supernode` command line: TLS against our CA, node authentication with
@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from common.bundle import SiteBundle
-from common.flower_tools import flower_binary, flower_env, toml_literal
+from fedrad.common.bundle import SiteBundle
+from fedrad.common.flower_tools import flower_binary, flower_env, toml_literal
 
 
 def supernode_command(bundle: SiteBundle, data_dir: Path, work_dir: Path, *, superlink: str | None = None,

@@ -1,68 +1,31 @@
 """Load one site folder (DICOM files + labels.csv) into preprocessed arrays.
 
-A site folder looks like::
+The rows come from labels.csv (`fedrad.client.labels`: its grammar and why a row is left
+out); each row's DICOM file is read (`fedrad.common.dicom`), resampled and cropped
+(`fedrad.common.preprocess`), and lands in the train, test or unlabelled arrays.
 
-    site_a/
-        labels.csv          image,label,split[,roi_x,roi_y]
-        scans/0001.dcm ...
-
-* ``image``: path relative to the site folder ("/" or "\\" separators);
-  absolute paths and ".." are refused so labels.csv cannot reach outside.
-* ``label``: ``0``/``1`` (``0.0``/``1.0`` accepted), or empty = unlabelled.
-* ``split``: ``train`` or ``test`` (case-insensitive). Unlabelled rows must be
-  ``train`` (they feed semi-supervised/label-shift estimation); a ``test`` row
-  without a label cannot be scored and is skipped.
-* ``roi_x``, ``roi_y`` (optional): lesion centre in input pixel indices,
-  x = column, y = row, 0-based, (x, y) = centre of that pixel; fractions
-  allowed. Both empty (or the columns absent) = image centre.
-
-A bad row or file never stops the site: it is recorded in
-:attr:`SiteData.skipped` with a reason that names the line and the value, and
-the rest loads. Only a missing or unusable labels.csv is fatal
-(:class:`SiteDataError`).
+A bad row or file never stops the site: it is recorded in :attr:`SiteData.skipped` with a
+reason that names the line and the value, and the rest loads. Only a missing or unusable
+labels.csv is fatal (:class:`SiteDataError`). Keeping loaded sites between messages is
+`fedrad.client.loaded_sites`'s job.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import math
-import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
-from client.lru import BoundedLRU
-from common.dicom import DicomImage, DicomReadError, read_image
-from common.preprocess import Preprocessor, Stack
+from fedrad.client.labels import Row, SiteDataError, Skipped, read_labels
+from fedrad.client.lru import BoundedLRU
+from fedrad.common.dicom import DicomImage, DicomReadError, read_image
+from fedrad.common.preprocess import Preprocessor, Stack
 
-LABEL_COLUMNS = ("image", "label", "split", "roi_x", "roi_y")
-REQUIRED_COLUMNS = ("image", "label", "split")
-_LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
-_SPLITS = ("train", "test")
-_DRIVE = re.compile(r"^[A-Za-z]:")
-
-
-class SiteDataError(ValueError):
-    """The site cannot be loaded at all (labels.csv missing or malformed)."""
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """One row or file left out, and why.
-
-    Attributes:
-        file: The image path as written in labels.csv, or "labels.csv:<line>"
-            when the row itself is bad (label, split, roi, empty image cell).
-        reason: What was wrong, naming the line and the offending value.
-    """
-
-    file: str
-    reason: str
+__all__ = ["SiteData", "SiteDataError", "Skipped", "channels", "image_key", "load_site"]
 
 
 @dataclass
@@ -109,18 +72,6 @@ class SiteData:
         }
 
 
-@dataclass(frozen=True)
-class _Row:
-    """A labels.csv row that passed validation."""
-
-    line: int
-    image: str  # as written
-    rel: PurePosixPath
-    label: int | None
-    split: str
-    roi_xy: tuple[float, float] | None
-
-
 def load_site(
     site_dir: Path,
     preprocessor: Preprocessor | Stack,
@@ -144,7 +95,7 @@ def load_site(
     """
     site_dir = Path(site_dir)
     skipped: list[Skipped] = []
-    rows = _read_labels(site_dir / "labels.csv", skipped)
+    rows = read_labels(site_dir / "labels.csv", skipped)
     size = preprocessor.size
     buckets: dict[str, tuple[list[np.ndarray], list[int], list[str]]] = {
         "train": ([], [], []), "test": ([], [], []), "unlabelled": ([], [], []),
@@ -197,7 +148,7 @@ def image_key(path: Path, roi_xy: tuple[float, float] | None) -> str:
     return digest.hexdigest()[:32]
 
 
-def _read_row(site_dir: Path, row: _Row) -> tuple[str | None, DicomImage | None]:
+def _read_row(site_dir: Path, row: Row) -> tuple[str | None, DicomImage | None]:
     """Read the row's image; return (problem or None, image or None)."""
     path = site_dir.joinpath(*row.rel.parts)
     if not path.is_file():
@@ -229,178 +180,12 @@ def _read_image_remembered(path: Path) -> DicomImage:
     return image
 
 
-# A site's messages normally decode each file once per run (`client.reference` keeps the CNN
+# A site's messages normally decode each file once per run (`fedrad.client.reference` keeps the CNN
 # inputs and HU crops of its first read). This memo spares a process the decode where a read
 # has no cache folder to keep its results in (`fedrad bench`, `fedrad compare`'s baselines,
 # a spacing survey before the run's spacing is chosen). Images are never mutated downstream.
 # 256 MB holds ~2,500 160x160 CT slices.
 _DECODED: BoundedLRU[DicomImage] = BoundedLRU(256 * 2**20, size=lambda image: image.values.nbytes)
-
-
-def _read_labels(csv_path: Path, skipped: list[Skipped]) -> list[_Row]:
-    """Parse and validate labels.csv; bad rows go to ``skipped``."""
-    expected = "expected columns: image,label,split (optional: roi_x,roi_y)"
-    if not csv_path.is_file():
-        raise SiteDataError(f"{csv_path}: labels.csv not found; each site folder needs one ({expected})")
-    rows: list[_Row] = []
-    first_line: dict[PurePosixPath, int] = {}
-    try:
-        with open(csv_path, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.reader(handle)
-            header = [h.strip().lower() for h in next(reader, [])]
-            missing = [c for c in REQUIRED_COLUMNS if c not in header]
-            if missing:
-                unknown = [h for h in header if h not in LABEL_COLUMNS]
-                raise SiteDataError(
-                    f"{csv_path}: missing required column(s) {', '.join(missing)}; header has "
-                    f"{header or 'nothing'}"
-                    + (f" (unrecognised: {', '.join(unknown)})" if unknown else "")
-                    + f"; {expected}"
-                )
-            index = {name: header.index(name) for name in LABEL_COLUMNS if name in header}
-            for cells in reader:
-                if not any(c.strip() for c in cells):
-                    continue  # blank line
-                line = reader.line_num
-
-                def get(name: str, cells: list[str] = cells) -> str:
-                    column = index.get(name, len(cells))
-                    return cells[column].strip() if column < len(cells) else ""
-
-                parsed = _parse_row(line, get, skipped)
-                if parsed is None:
-                    continue
-                if parsed.rel in first_line:
-                    skipped.append(Skipped(
-                        parsed.image,
-                        f"labels.csv line {line}: duplicate of line {first_line[parsed.rel]} "
-                        "(same image); only the first row is used",
-                    ))
-                    continue
-                first_line[parsed.rel] = line
-                rows.append(parsed)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise SiteDataError(f"{csv_path}: not a readable UTF-8 CSV file ({exc}); {expected}") from exc
-    return rows
-
-
-def _parse_row(line: int, get: Callable[[str], str], skipped: list[Skipped]) -> _Row | None:
-    """Validate one row; on failure record why and return None."""
-    where = f"labels.csv:{line}"
-    image = get("image")
-    if not image:
-        skipped.append(Skipped(where, f"labels.csv line {line}: empty 'image' cell"))
-        return None
-    rel = PurePosixPath(image.replace("\\", "/"))
-    if rel.is_absolute() or _DRIVE.match(image) or ".." in rel.parts or rel == PurePosixPath("."):
-        skipped.append(Skipped(
-            image,
-            f"labels.csv line {line}: image path {image!r} must be relative to the site folder "
-            "and stay inside it (no absolute paths, no '..')",
-        ))
-        return None
-    raw_label = get("label")
-    if raw_label and raw_label not in _LABELS:
-        skipped.append(Skipped(
-            where, f"labels.csv line {line} ({image}): label must be 0, 1 or empty, got {raw_label!r}"
-        ))
-        return None
-    label = _LABELS.get(raw_label)
-    split = get("split").lower()
-    if split not in _SPLITS:
-        skipped.append(Skipped(
-            where, f"labels.csv line {line} ({image}): split must be 'train' or 'test', got {get('split')!r}"
-        ))
-        return None
-    if split == "test" and label is None:
-        skipped.append(Skipped(
-            where, f"labels.csv line {line} ({image}): test row has no label; a test image must be "
-            "labelled 0 or 1 (put unlabelled images in the train split)"
-        ))
-        return None
-    raw_x, raw_y = get("roi_x"), get("roi_y")
-    roi_xy = None
-    if raw_x or raw_y:
-        try:
-            roi_xy = (float(raw_x), float(raw_y))
-            if not all(math.isfinite(v) for v in roi_xy):
-                raise ValueError
-        except ValueError:
-            skipped.append(Skipped(
-                where, f"labels.csv line {line} ({image}): roi_x and roi_y must both be numbers "
-                f"(pixel column, row) or both empty, got roi_x={raw_x!r}, roi_y={raw_y!r}"
-            ))
-            return None
-    return _Row(line, image, rel, label, split, roi_xy)
-
-
-def folder_fingerprint(site_dir: Path) -> tuple:
-    """(relative path, size, mtime) of every file under the site folder: changes when any file does."""
-    entries = []
-    for root, _, files in os.walk(site_dir):
-        for name in files:
-            stat = os.stat(os.path.join(root, name))
-            entries.append((os.path.relpath(os.path.join(root, name), site_dir), stat.st_size, stat.st_mtime_ns))
-    return tuple(sorted(entries))
-
-
-_LOADED: dict[tuple, SiteData] = {}
-MAX_LOADED = 8  # sites remembered per process: an actor (or an in-process federation) serves several in turn
-
-
-def load_site_cached(site_dir: Path, preprocessor: Preprocessor, *, cache_dir: Path | None = None,
-                     make: Callable[[tuple], SiteData | None] | None = None) -> SiteData:
-    """`load_site`, remembered per process while the folder is unchanged (the latest `MAX_LOADED` sites).
-
-    A Simulation Engine actor serves its site message after message; re-reading and
-    re-preprocessing every DICOM for each message would dominate a round once the
-    frozen prefix is cached. Actors (and `fedrad compare`'s baselines) serve several sites in turn,
-    so a few are kept (a site of a few hundred 96-px images is tens of MB). With `cache_dir`
-    (the site's own cache folder) the arrays are also kept on disk (`client.site_store`), so
-    the next process loads them instead of decoding every DICOM again. `make(fingerprint)`,
-    when given, is tried before reading the folder on a miss (None: it cannot;
-    `client.reference` derives harmonised inputs from kept HU crops this way).
-    """
-    fingerprint = folder_fingerprint(Path(site_dir))
-    data = kept_site(site_dir, repr(preprocessor), fingerprint, cache_dir)
-    if data is None:
-        made = None if make is None else make(fingerprint)
-        data = made if made is not None else load_site(site_dir, preprocessor)
-        remember_site(site_dir, data, fingerprint=fingerprint, cache_dir=cache_dir)
-    return data
-
-
-def kept_site(site_dir: Path, preprocessing: str, fingerprint: tuple, cache_dir: Path | None) -> SiteData | None:
-    """The arrays of `site_dir` (as it was at `fingerprint`) under `preprocessing` if already at hand:
-    in this process, or in the site's array store under `cache_dir`. Never reads the folder."""
-    from client import site_store
-
-    data = _LOADED.get(_loaded_key(site_dir, preprocessing, fingerprint))
-    if data is None and cache_dir is not None:
-        data = site_store.load(site_store.store_path(cache_dir, preprocessing, fingerprint))
-        if data is not None:
-            remember_site(site_dir, data, fingerprint=fingerprint)
-    return data
-
-
-def remember_site(site_dir: Path, data: SiteData, *, fingerprint: tuple, cache_dir: Path | None = None) -> None:
-    """Let `load_site_cached` find `data` (made from `site_dir` as it was at `fingerprint`).
-
-    Kept in this process and, with `cache_dir`, in the site's array store: for arrays made by
-    another pass over the same files (`client.reference` reads every image for the HU
-    histogram and keeps the CNN inputs of that same read).
-    """
-    from client import site_store
-
-    while len(_LOADED) >= MAX_LOADED:
-        _LOADED.pop(next(iter(_LOADED)))
-    _LOADED[_loaded_key(site_dir, data.preprocessing, fingerprint)] = data
-    if cache_dir is not None:
-        site_store.save(site_store.store_path(cache_dir, data.preprocessing, fingerprint), data)
-
-
-def _loaded_key(site_dir: Path, preprocessing: str, fingerprint: tuple) -> tuple:
-    return (str(Path(site_dir).resolve()), preprocessing, fingerprint)
 
 
 def channels(data: SiteData, which: slice, preprocessing: str) -> SiteData:

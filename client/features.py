@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.cache import FeatureCache, cache_folder, cache_key, dihedral
-from client.dataset import SiteData
-from client.train import Inputs, cached_inputs, first_trainable_unit, pixel_inputs
-from common.bn import bn_modules, recalibrate_bn
-from common.config import RunConfig
-from common.efficientnet_lite import EfficientNetLite0, weights_path
-from common.preprocess import CT_WINDOWS
+from fedrad.client.cache import FeatureCache, cache_folder, cache_key, dihedral
+from fedrad.client.dataset import SiteData
+from fedrad.client.train import Inputs, cached_inputs, pixel_inputs
+from fedrad.common.bn import bn_modules, recalibrate_bn
+from fedrad.common.config import RunConfig
+from fedrad.common.efficientnet_lite import EfficientNetLite0, weights_path
+from fedrad.common.finetune import first_trainable_unit
+from fedrad.common.preprocess import CT_WINDOWS
 
 PREFIX_BN_PREFIX = "prefix-bn/"
 
@@ -96,7 +97,7 @@ def _prefix_key(cfg: RunConfig, views: int, adapt_on: tuple[str, ...], preproces
 def site_inputs(model: EfficientNetLite0, cfg: RunConfig, data: SiteData, work_dir: Path,
                 device: torch.device) -> SiteInputs:
     """Training and test inputs for this site's model, through the feature cache when it applies."""
-    start = first_trainable_unit(cfg)
+    start = first_trainable_unit(cfg.freeze_blocks)
     views = n_views(cfg)
     adapt_images = (np.concatenate([data.x_train, data.x_unlabelled]) if cfg.prefix_bn == "site"
                     else np.zeros((0,), np.float32))

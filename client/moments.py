@@ -9,7 +9,7 @@ The coordinator sends a fixed projection (k x 1280); the site runs its current m
 its own images, takes the 1280-d penultimate features (the input of the classifier,
 captured with a forward hook so that cached and pixel inputs work alike), projects them
 to k dimensions and sends only their mean (k,) and covariance (k, k)
-(`common.feature_shift.Moments`). No Flower here.
+(`fedrad.common.feature_shift.Moments`). No Flower here.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from client.cache import cache_folder
-from client.features import site_inputs
-from client.outputs import SiteOutputs
-from client.reference import load_inputs
-from client.train import build_model, pick_device
-from common.config import RunConfig
-from common.records import HARMONIZED, RAW, moment_keys
-from common.feature_shift import MIN_SAMPLES, Moments, moments
+from fedrad.client.cache import cache_folder
+from fedrad.client.features import site_inputs
+from fedrad.client.outputs import SiteOutputs
+from fedrad.client.reference import load_inputs
+from fedrad.client.train import pick_device
+from fedrad.common.config import RunConfig
+from fedrad.common.feature_shift import MIN_SAMPLES, Moments, moments
+from fedrad.common.model import build_model
+from fedrad.common.records import HARMONIZED, RAW, moment_keys
 
 log = logging.getLogger("fedrad.site")
 

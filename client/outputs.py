@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from client.features import SiteInputs
-from client.train import NUM_CLASSES, Inputs, autocast
-from common.efficientnet_lite import EfficientNetLite0
+from fedrad.client.features import SiteInputs
+from fedrad.client.train import Inputs, autocast
+from fedrad.common.efficientnet_lite import EfficientNetLite0
+from fedrad.common.model import NUM_CLASSES
 
 SPLITS = ("train", "test", "unlabelled")
 

@@ -4,7 +4,7 @@ Before round 1 a site describes its intensities to the coordinator by two aggreg
 the histogram of the HU values inside its lesion fields of view (the same crops the CNN
 sees, before windowing; fixed bins, counts only) and a summary of its pixel spacings.
 During the run it receives the pooled reference histogram back and maps its own HU onto
-it (`common.harmonize.IntensityMatch`) before the CT windows.
+it (`fedrad.common.harmonize.IntensityMatch`) before the CT windows.
 
 The histogram is taken over the training and unlabelled images (not the test split, so
 the map is fitted without looking at what is scored). It is computed from the site's
@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from client import site_store
-from client.dataset import (SiteData, channels, folder_fingerprint, kept_site, load_site, load_site_cached,
-                            remember_site)
-from common.config import RunConfig
-from common.dicom import DicomImage
-from common.harmonize import HarmonizationWarning, IntensityMatch, intensity_histogram, validate_counts
-from common.preprocess import Preprocessor, Stack
+from fedrad.client import site_store
+from fedrad.client.dataset import SiteData, channels, load_site
+from fedrad.client.loaded_sites import folder_fingerprint, kept_site, load_site_cached, remember_site
+from fedrad.common.config import RunConfig
+from fedrad.common.dicom import DicomImage
+from fedrad.common.harmonize import HarmonizationWarning, IntensityMatch, intensity_histogram, validate_counts
+from fedrad.common.preprocess import Preprocessor, Stack
 
 log = logging.getLogger("fedrad.site")
 
@@ -73,7 +73,7 @@ class SiteIntensity:
     spacing_mm: tuple[float, float, float]
 
     def metrics(self) -> dict[str, float]:
-        """The scalar part of the reply (`common.records.REFERENCE_METRICS`)."""
+        """The scalar part of the reply (`fedrad.common.records.REFERENCE_METRICS`)."""
         median, low, high = self.spacing_mm
         return {"n-images": self.n_images, "n-pixels": int(self.counts.sum()), "n-constant": self.n_constant,
                 "spacing-median-mm": median, "spacing-min-mm": low, "spacing-max-mm": high}

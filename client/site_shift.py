@@ -14,9 +14,9 @@ In the last round (`label-shift` on) the site also, all locally:
    and balanced accuracy on its test split before and after, and the ECE that perfectly
    calibrated posteriors would score at this test size (`ece-floor`: ECE is biased upward
    on a few hundred images, so a gain below the floor is not a gain). Calibration and estimate
-   are cross-fitted (`client.folds`): each test image is corrected by maps fitted on the
+   are cross-fitted (`fedrad.client.folds`): each test image is corrected by maps fitted on the
    other fold, so no image is scored by a map fitted on its own label;
-4. personalises a copy of its decision layer on its own labels (`client.personalise`),
+4. personalises a copy of its decision layer on its own labels (`fedrad.client.personalise`),
    cross-fitted the same way, and reports its AUC and how often its decisions disagree
    with the federation's reading of the site's images (a sign of concept shift): the
    global model calibrated by temperature only, re-weighted to the prior EM infers from
@@ -41,17 +41,17 @@ import numpy as np
 from scipy.special import log_softmax
 from sklearn.metrics import roc_auc_score
 
-from client.dataset import SiteData
-from client.folds import can_calibrate, two_folds
-from client.outputs import SiteOutputs
-from client.personalise import disagreement, head_probs, personalise_head
-from client.train import NUM_CLASSES
-from common.calibration import BCTS, fit_bcts
-from common.config import RunConfig
-from common.efficientnet_lite import EfficientNetLite0
-from common.labelshift import bbse_prior, correct_posteriors, em_prior, prior_from_counts
-from common.metrics import brier_score, classification_metrics, ece_noise_floor
-from common.shift_flags import FALLBACK, ShiftFlag, describe
+from fedrad.client.calibration import BCTS, fit_bcts
+from fedrad.client.dataset import SiteData
+from fedrad.client.folds import can_calibrate, two_folds
+from fedrad.client.outputs import SiteOutputs
+from fedrad.client.personalise import disagreement, head_probs, personalise_head
+from fedrad.common.config import RunConfig
+from fedrad.common.efficientnet_lite import EfficientNetLite0
+from fedrad.common.labelshift import bbse_prior, correct_posteriors, em_prior, prior_from_counts
+from fedrad.common.metrics import brier_score, classification_metrics, ece_noise_floor
+from fedrad.common.model import NUM_CLASSES
+from fedrad.common.shift_flags import FALLBACK, ShiftFlag, describe
 
 MIN_UNLABELLED = 30  # unlabelled images needed before EM's estimate replaces the labelled prior
 MIN_CONCEPT_TEST = 80  # labelled test images needed to judge concept shift (disagreement's SE ~ 0.04 there)
@@ -89,7 +89,7 @@ def evaluate_site(model: EfficientNetLite0, outputs: SiteOutputs, data: SiteData
                   prior_train: np.ndarray | None, final: bool, work_dir: Path) -> dict[str, float]:
     """Test metrics of the global model under π_train; in the last round also the label-shift analysis.
 
-    `outputs` are the model's outputs on this site's inputs (`client.outputs`).
+    `outputs` are the model's outputs on this site's inputs (`fedrad.client.outputs`).
     """
     ref, flags = reference_prior(prior_train, data.y_train)
     z_test, f_test = outputs("test")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.dataset import SiteData, Skipped
+from fedrad.client.dataset import SiteData, Skipped
 
 log = logging.getLogger("fedrad.site")
 _ARRAYS = ("x_train", "y_train", "x_test", "y_test", "x_unlabelled", "spacings_mm")

@@ -3,7 +3,7 @@
 The model arrives with the coordinator's shared weights and the site's own BatchNorm
 already loaded; this module only runs epochs and predictions. What the trainable part
 sees is an `Inputs`: either pixels, pushed through the frozen prefix on every step, or the
-frozen prefix's cached outputs (`client.features`). Both follow the same random sequence,
+frozen prefix's cached outputs (`fedrad.client.features`). Both follow the same random sequence,
 so cached and uncached training give the same model.
 """
 
@@ -19,13 +19,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from client.cache import dihedral
-from common.bn import recalibrate_bn
-from common.config import RunConfig
-from common.efficientnet_lite import EfficientNetLite0, efficientnet_lite0
-from common.finetune import freeze_units, make_optimizer, param_groups, set_train_mode
-
-NUM_CLASSES = 2
+from fedrad.client.cache import dihedral
+from fedrad.common.bn import recalibrate_bn
+from fedrad.common.config import RunConfig
+from fedrad.common.efficientnet_lite import EfficientNetLite0
+from fedrad.common.finetune import make_optimizer, param_groups, set_train_mode
 
 
 def pick_device(choice: str = "auto") -> torch.device:
@@ -38,22 +36,6 @@ def pick_device(choice: str = "auto") -> torch.device:
 def autocast(device: torch.device):  # noqa: ANN201 - a context manager
     """bf16 autocast on CUDA (tensor cores, no loss scaling needed); plain fp32 on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def build_model(cfg: RunConfig, device: torch.device | None = None) -> EfficientNetLite0:
-    """Pretrained EfficientNet-Lite0 with a 2-class head (seeded), frozen up to `freeze_blocks`."""
-    model = efficientnet_lite0(pretrained=True, num_classes=NUM_CLASSES, seed=cfg.seed)
-    freeze_units(model, cfg.freeze_blocks)
-    # Channels-last on CPU too: measured 1.5x faster for the prefix and the suffix (mkldnn), same results.
-    model = model.to(memory_format=torch.channels_last)
-    if device is not None and device.type == "cuda":
-        model = model.to(device)
-    return model
-
-
-def first_trainable_unit(cfg: RunConfig) -> int:
-    """Feature units [0, start) are frozen: the prefix that can be cached."""
-    return cfg.freeze_blocks + 1
 
 
 @dataclass
@@ -111,7 +93,7 @@ def fit(model: EfficientNetLite0, inputs: Inputs, y: np.ndarray, cfg: RunConfig,
     draws from torch's global generator, seeded from `seed` too (inside `fork_rng`, so the
     caller's random state is untouched): the same seed gives the same model.
     `logit_offset` (K,), when given, is added to the logits inside the loss only: the
-    logit-adjusted loss (`common.labelshift.logit_adjustment`).
+    logit-adjusted loss (`fedrad.common.labelshift.logit_adjustment`).
     """
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)

@@ -1,6 +1,6 @@
 """A site never seen in training: the global model with pooled BN, or with AdaBN on its own images.
 
-The coordinator's global model (`server.global_model`) holds the shared weights and, per
+The coordinator's global model (`fedrad.server.global_model`) holds the shared weights and, per
 adapted BN layer, the statistics pooled over the training sites (law of total variance).
 A new hospital has two choices, both measurable here:
 
@@ -12,7 +12,7 @@ A new hospital has two choices, both measurable here:
 
 In ``fedbn`` runs the BN affine parameters never left the sites, so the global model has
 none: the pretrained ones are used. ``silobn`` shares them, which is why leave-one-site-out
-defaults to silobn (`server.loso`).
+defaults to silobn (`fedrad.lab.loso`).
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from client.dataset import SiteData
-from client.features import adapt_prefix_bn
-from client.train import build_model, first_trainable_unit, pick_device, pixel_inputs, predict_proba
-from common.bn import recalibrate_bn
-from common.config import RunConfig
-from common.efficientnet_lite import EfficientNetLite0
-from common.metrics import classification_metrics
+from fedrad.client.dataset import SiteData
+from fedrad.client.features import adapt_prefix_bn
+from fedrad.client.train import pick_device, pixel_inputs, predict_proba
+from fedrad.common.bn import recalibrate_bn
+from fedrad.common.config import RunConfig
+from fedrad.common.efficientnet_lite import EfficientNetLite0
+from fedrad.common.finetune import first_trainable_unit
+from fedrad.common.metrics import classification_metrics
+from fedrad.common.model import build_model
 
 BNChoice = Literal["pooled", "adabn"]
 
@@ -45,7 +47,7 @@ def global_model_for_site(config: Mapping[str, Any], weights: Mapping[str, np.nd
     """Build the backbone of the run's config and load the shared weights plus the pooled BN statistics.
 
     `config` is the run config saved with the global model, `weights` its shared weights
-    together with the pooled BN statistics (`server.global_model.GlobalModel.site_weights`).
+    together with the pooled BN statistics (`fedrad.server.global_model.GlobalModel.site_weights`).
     """
     cfg = RunConfig.from_run_config(config)
     model = build_model(cfg, pick_device(cfg.device))
@@ -70,7 +72,7 @@ def evaluate_unseen(config: Mapping[str, Any], weights: Mapping[str, np.ndarray]
     images = unlabelled_images(data)
     if (bn == "adabn" or cfg.prefix_bn == "site") and len(images) < 2:
         raise ValueError(f"site {data.name}: AdaBN needs at least 2 images; it has {len(images)}.")
-    start = first_trainable_unit(cfg)
+    start = first_trainable_unit(cfg.freeze_blocks)
     if cfg.prefix_bn == "site" and start > 0:
         adapt_prefix_bn(model, images, start, cfg.batch_size)
     device = pick_device(cfg.device)

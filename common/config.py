@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-BN_MODES = ("fedbn", "silobn", "shared")
+from fedrad.common.finetune import BN_MODES, check_freeze_blocks
+
 AUGMENTS = ("dihedral", "none")
 PREFIX_BN = ("pretrained", "site")
 HARMONIZE = ("off", "quantile", "landmarks", "median")
@@ -31,7 +32,7 @@ class RunConfig:
 
     num_server_rounds: int = 5
     bn_mode: str = "fedbn"  # fedbn: BN at each site; silobn: BN affine averaged, stats local; shared: all (FedAvg)
-    freeze_blocks: int = 14  # freeze stem + first K units (17 = linear probe, -1 = full fine-tuning)
+    freeze_blocks: int = 14  # freeze stem + first K units (meaning and range: common/finetune.py)
     lr_max: float = 0.003  # learning rate of the classifier
     lr_decay: float = 0.5  # gamma: each level below the classifier gets gamma times the rate above
     local_epochs: int = 2
@@ -62,10 +63,10 @@ class RunConfig:
     shift_dim: int = 16  # shift score: feature moments in this many projected dimensions (0 = no shift score)
 
     def __post_init__(self) -> None:
+        check_freeze_blocks(self.freeze_blocks)
         checks = [
             (self.num_server_rounds >= 1, "num-server-rounds must be >= 1"),
             (self.bn_mode in BN_MODES, f"bn-mode must be one of {BN_MODES}"),
-            (-1 <= self.freeze_blocks <= 17, "freeze-blocks must be between -1 and 17"),
             (self.lr_max > 0, "lr-max must be > 0"),
             (0 < self.lr_decay <= 1, "lr-decay must be in (0, 1]"),
             (self.local_epochs >= 1, "local-epochs must be >= 1"),
@@ -139,3 +140,12 @@ def project_run_config(pyproject: Path = PROJECT_ROOT / "pyproject.toml") -> dic
         return {}
     with pyproject.open("rb") as f:
         return dict(tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
+
+
+def load_run_config(overrides: Sequence[str] = ()) -> RunConfig:
+    """pyproject's [tool.flwr.app.config], then `--run-config "k=v ..."` overrides (Flower's own syntax)."""
+    from flwr.common.config import parse_config_args
+
+    values = project_run_config()
+    values.update(parse_config_args(list(overrides)) if overrides else {})
+    return RunConfig.from_run_config(values)

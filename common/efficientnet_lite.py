@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.depthwise import depthwise_conv2d
-from common.pointwise import pointwise_conv2d
+from fedrad.common.depthwise import depthwise_conv2d
+from fedrad.common.pointwise import pointwise_conv2d
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01  # TF's 0.99 decay, in PyTorch's convention
@@ -41,6 +41,8 @@ STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (1, 3, 1, 6, 192, 320),
 )
 NUM_BLOCKS = sum(stage[0] for stage in STAGES)  # 16
+# Feature units, in the order a freeze point counts them: 0 the stem, 1..16 the blocks, 17 the head conv.
+NUM_UNITS = NUM_BLOCKS + 2
 
 
 def weights_path() -> Path:
@@ -149,7 +151,7 @@ class EfficientNetLite0(nn.Module):
         return [nn.ModuleList([self._conv_stem, self._bn0]), *self._blocks,
                 nn.ModuleList([self._conv_head, self._bn1])]
 
-    def forward_units(self, x: torch.Tensor, start: int = 0, stop: int = NUM_BLOCKS + 2) -> torch.Tensor:
+    def forward_units(self, x: torch.Tensor, start: int = 0, stop: int = NUM_UNITS) -> torch.Tensor:
         """Run feature units [start, stop): 0 the stem, 1..16 the blocks, 17 the head conv.
 
         Splitting here is what lets a site compute the frozen prefix once and cache it.

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from common.harmonize import N_BINS
-from common.records import HARMONIZED, HISTOGRAM, INTENSITY, MOMENTS, RAW, Description, moment_keys
+from fedrad.common.harmonize import N_BINS
+from fedrad.common.records import HARMONIZED, HISTOGRAM, INTENSITY, MOMENTS, RAW, Description, moment_keys
 
 
 class EgressError(RuntimeError):

@@ -4,9 +4,11 @@ The seed's recipe: early layers hold generic edges and textures that transfer fr
 ImageNet, late layers are task specific. So the stem and the first `freeze_blocks` units are
 frozen (no gradient, BN in eval mode with its pretrained statistics), and the units above
 train with learning rates that shrink with depth, alpha_l = lr_max * gamma^(L - l), the
-classifier (l = L) getting lr_max. Levels: 0 stem, 1..16 MBConv blocks, 17 head conv,
-18 classifier. `freeze_blocks = K` freezes levels 0..K: K = 17 (`NUM_UNITS`) is the linear
-probe, K = 0 freezes the stem only, K = -1 freezes nothing (full fine-tuning).
+classifier (l = L) getting lr_max. Levels: the feature units of `EfficientNetLite0.feature_units`
+(0 stem, 1..16 MBConv blocks, 17 head conv), then 18 the classifier. `freeze_blocks = K`
+freezes levels 0..K: K = 17 (`LINEAR_PROBE`) is the linear probe, K = 0 freezes the stem
+only, K = -1 (`FULL_FINETUNE`) freezes nothing. This module is the one place that meaning
+lives: the config's range check, the optimizer's levels and the cached prefix all ask it.
 
 Which parameters are *shared* with the coordinator is one predicate, `shared_keys`: the
 trainable parameters that are not BatchNorm, plus the parts of trainable BatchNorm layers
@@ -21,11 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.bn import BN_TYPES, bn_modules, bn_state_keys
-from common.config import BN_MODES
-from common.efficientnet_lite import EfficientNetLite0
+from fedrad.common.bn import bn_modules, bn_state_keys
+from fedrad.common.efficientnet_lite import NUM_UNITS, EfficientNetLite0
 
-NUM_UNITS = 17  # 16 MBConv blocks + the head conv, above the stem (level 0)
+FULL_FINETUNE = -1  # freeze-blocks that freezes nothing
+LINEAR_PROBE = NUM_UNITS - 1  # 17: freeze-blocks that freezes every feature unit, head conv included
+CLASSIFIER_LEVEL = NUM_UNITS  # 18: the level of the decision layer `_fc`, above every feature unit
 
 # Which state-dict entries of a *trainable* BatchNorm layer the coordinator averages, per bn-mode.
 # fedbn (Li et al. 2021): none, statistics and affine both follow the site's scanner;
@@ -36,6 +39,7 @@ SHARED_BN_PARTS: dict[str, frozenset[str]] = {
     "silobn": frozenset({"weight", "bias"}),
     "shared": frozenset({"weight", "bias", "running_mean", "running_var"}),
 }
+BN_MODES = tuple(SHARED_BN_PARTS)
 BN_STAT_PARTS = ("running_mean", "running_var")
 
 
@@ -49,23 +53,28 @@ class ParamGroup:
 
 
 def check_freeze_blocks(freeze_blocks: int) -> None:
-    """Refuse a freeze point outside -1..NUM_UNITS."""
-    if not -1 <= freeze_blocks <= NUM_UNITS:
+    """Refuse a freeze point outside FULL_FINETUNE..LINEAR_PROBE (the one range check)."""
+    if not FULL_FINETUNE <= freeze_blocks <= LINEAR_PROBE:
         raise ValueError(
-            f"freeze-blocks must be between -1 (train everything, stem included) and {NUM_UNITS} "
-            f"(linear probe); got {freeze_blocks}."
+            f"freeze-blocks must be between {FULL_FINETUNE} (train everything, stem included) and "
+            f"{LINEAR_PROBE} (linear probe); got {freeze_blocks}."
         )
 
 
+def first_trainable_unit(freeze_blocks: int) -> int:
+    """Feature units [0, first_trainable_unit) are frozen: the prefix a site may compute once and cache."""
+    return freeze_blocks + 1
+
+
 def unit_of_parameter(model: EfficientNetLite0) -> dict[str, int]:
-    """Depth level of every parameter name: 0 stem, 1..16 blocks, 17 head conv, 18 classifier."""
+    """Depth level of every parameter name: its feature unit (0 stem .. 17 head conv), or CLASSIFIER_LEVEL."""
     name_of = {id(p): name for name, p in model.named_parameters()}
     levels: dict[str, int] = {}
     for level, unit in enumerate(model.feature_units()):
         for param in unit.parameters():
             levels[name_of[id(param)]] = level
     for name, _ in model._fc.named_parameters():
-        levels[f"_fc.{name}"] = NUM_UNITS + 1
+        levels[f"_fc.{name}"] = CLASSIFIER_LEVEL
     return levels
 
 
@@ -100,7 +109,7 @@ def param_groups(model: EfficientNetLite0, *, lr_max: float, lr_decay: float) ->
         raise ValueError(f"lr-max must be > 0; got {lr_max}.")
     if not 0 < lr_decay <= 1:
         raise ValueError(f"lr-decay must be in (0, 1]; got {lr_decay}.")
-    top = NUM_UNITS + 1
+    top = CLASSIFIER_LEVEL
     by_level: dict[int, list[str]] = {}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     for name, level in unit_of_parameter(model).items():
@@ -182,7 +191,7 @@ def site_bn_stat_keys(model: nn.Module) -> list[str]:
     """running_mean / running_var of every trainable BN layer: what a site reports to the BN registry.
 
     Per-channel aggregates over all of a site's training images (no per-image value), sent
-    with the image count so the coordinator can pool them (`server.bn_registry`).
+    with the image count so the coordinator can pool them (`fedrad.server.bn_registry`).
     """
     trainable_bn = trainable_bn_modules(model)
     return [k for k in model.state_dict()

@@ -10,7 +10,7 @@ so a site needs only its prior π_site. It knows it from labels, or estimates it
 unlabelled images, two ways:
 
 * `em_prior`: maximum likelihood by EM (Saerens, Latinne & Decaestecker 2002), which
-  needs *calibrated* posteriors (see `common.calibration`, Alexandari et al. 2020);
+  needs *calibrated* posteriors (see `fedrad.client.calibration`, Alexandari et al. 2020);
 * `bbse_prior`: black-box shift estimation (Lipton, Wang & Smola 2018), which inverts the
   confusion matrix of hard predictions measured on held-out labelled data; it needs no
   calibration, only an invertible confusion matrix, and serves as a second opinion.

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from common.dicom import DicomImage
+from fedrad.common.dicom import DicomImage
 
 CT_WINDOWS: tuple[tuple[float, float], ...] = ((-600.0, 1500.0), (40.0, 400.0), (-300.0, 2000.0))
 """(level, width) in HU: lung, soft tissue, wide."""
@@ -244,7 +244,7 @@ class Preprocessor:
     percentile scaling (any other modality; percentiles of the whole image,
     on a regular <= 1 Mpx subsample for large radiographs), then the
     backbone's input scaling. An optional ``intensity_map`` (HU -> HU, e.g. the
-    site's federated histogram matching, `common.harmonize.IntensityMatch`) is
+    site's federated histogram matching, `fedrad.common.harmonize.IntensityMatch`) is
     applied to CT crops between resampling and windowing; its repr is part of
     this preprocessor's repr, which keys every cache of CNN inputs.
 

@@ -7,11 +7,14 @@ constants here so that the ClientApp, the strategy and the egress check agree on
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
+
+from fedrad.common.version import __version__, check_same_version
 
 # Record names inside a message's RecordDict.
 ARRAYS = "arrays"  # the shared weights (coordinator -> site and back)
@@ -35,12 +38,16 @@ RAW, HARMONIZED = "raw/", "harmonized/"  # prefixes of the moments keys in a shi
 
 # Keys of the config record (coordinator -> site) that are not run config.
 FEDERATION_ID = "federation-id"  # one id per experiment, kept across coordinator restarts; names a site's local state
+FEDRAD_VERSION = "fedrad-version"  # the coordinator's fedrad version, in every message; a site on another refuses
+SERVER_ROUND = "server-round"  # put there by Flower
+NOT_RUN_CONFIG = (SERVER_ROUND, FEDERATION_ID, FEDRAD_VERSION, QUERY_KIND)
+PRIOR_TRAIN = "prior-train-{c}"  # in LABEL_SHIFT: π_train[c], one key per class
 
 # Metric keys a site may send.
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
 BN_SAMPLES = "bn-samples"  # images the site's BN statistics were estimated on (the registry's weight)
 CLASS_COUNTS = ("n-class-0", "n-class-1")  # labelled images a site trained on, per class: the training prior
-LABEL_SHIFT_METRICS = (  # last round only (common.shift_flags, client.site_shift): scalars, never per image
+LABEL_SHIFT_METRICS = (  # last round only (fedrad.common.shift_flags, fedrad.client.site_shift): scalars, never per image
     "n-unlabelled", "prior-em", "prior-bbse", "prior-site", "bcts-temperature", "bcts-bias",
     "ece-uncorrected", "ece-corrected", "ece-floor", "brier-uncorrected", "brier-corrected",
     "balanced-accuracy-uncorrected", "balanced-accuracy-corrected",
@@ -58,6 +65,30 @@ Description = dict[str, tuple[str, dict[str, object]]]
 def moment_keys(prefix: str = "") -> tuple[str, str]:
     """Array keys of a site's feature moments: (mean (k,), covariance (k, k))."""
     return f"{prefix}feature-mean", f"{prefix}feature-cov"
+
+
+def config_record(run_config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> ConfigRecord:
+    """The config record of a coordinator message: the run config, `extra` keys, and the coordinator's version."""
+    return ConfigRecord({**run_config, **(extra or {}), FEDRAD_VERSION: __version__})
+
+
+def run_config_of(record: ConfigRecord) -> dict[str, Any]:
+    """The run config in a coordinator's config record; refuses one from another fedrad version."""
+    check_same_version(record.get(FEDRAD_VERSION))
+    return {k: v for k, v in record.items() if k not in NOT_RUN_CONFIG}
+
+
+def prior_record(prior: np.ndarray) -> ConfigRecord:
+    """The LABEL_SHIFT record: the training prior π_train, {"prior-train-<c>": π_train[c]}."""
+    return ConfigRecord({PRIOR_TRAIN.format(c=c): float(p) for c, p in enumerate(prior)})
+
+
+def prior_from_record(record: ConfigRecord) -> np.ndarray:
+    """π_train from a LABEL_SHIFT record (the inverse of `prior_record`), one entry per class."""
+    try:
+        return np.array([float(record[PRIOR_TRAIN.format(c=c)]) for c in range(len(CLASS_COUNTS))])  # type: ignore[arg-type]
+    except KeyError as missing:
+        raise ValueError(f"the {LABEL_SHIFT} record has no {missing} key; keys sent: {sorted(record)}") from None
 
 
 def to_array_record(state: Mapping[str, torch.Tensor], keys: list[str]) -> ArrayRecord:

@@ -1,6 +1,6 @@
 """Why a site's label-shift correction fell back, as bits that may travel (a scalar, not text).
 
-A site's reply may carry only scalar metrics (`common.egress`), so the reasons a site
+A site's reply may carry only scalar metrics (`fedrad.common.egress`), so the reasons a site
 did not correct its posteriors travel as one integer of flags; the site logs the full
 wording locally and the coordinator's report turns the flags back into sentences that
 name the site. The FALLBACK flags mean the safe fallback: the site's "corrected" posteriors

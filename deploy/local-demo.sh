@@ -25,7 +25,7 @@ cd "$ROOT"   # `python -m` puts the working directory first on sys.path: run thi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 NO_COLOR=1 COLUMNS=160
 export FLWR_HOME="$DEMO/cli-home"   # the operator's flwr CLI config (the `fedrad` connection)
-fedrad() { "$PY" -m common.cli "$@"; }
+fedrad() { "$PY" -m fedrad.cli "$@"; }
 say() { printf '\n== %s\n' "$*"; }
 
 PIDS=()   # coordinator first, then the sites; stopped in reverse order (sites first)
@@ -51,7 +51,7 @@ say "1/6 synthetic hospitals (${#SITES[@]} sites, $PATIENTS patients each) -> $D
 "$PY" - "$DEMO/data" "$PATIENTS" <<'EOF'
 import dataclasses, sys
 from pathlib import Path
-from common.synth import default_sites, generate
+from fedrad.lab.synth import default_sites, generate
 specs = [dataclasses.replace(s, n_patients=int(sys.argv[2])) for s in default_sites()[:3]]
 generate(Path(sys.argv[1]), sites=specs, seed=0)
 EOF
@@ -62,7 +62,7 @@ fedrad provision --certs "$DEMO/certs" --port "$PORT" $(printf -- '--site %s ' "
 say "3/6 coordinator on $ADDRESS (log: $DEMO/logs/coordinator.log)"
 # Daemons are started directly (not through the shell function) so that $! is the PID of the
 # process that becomes flower-superlink / flower-supernode (fedrad execs into them).
-"$PY" -m common.cli coordinator --certs "$DEMO/certs" --state "$DEMO/coordinator" --port "$PORT" \
+"$PY" -m fedrad.cli coordinator --certs "$DEMO/certs" --state "$DEMO/coordinator" --port "$PORT" \
   >"$DEMO/logs/coordinator.log" 2>&1 &
 PIDS+=($!)
 "$PY" - "$PORT" "${PIDS[0]}" <<'EOF'
@@ -85,7 +85,7 @@ fedrad register --certs "$DEMO/certs" --superlink "$ADDRESS"
 
 say "5/6 site daemons (logs: $DEMO/logs/<site>.log)"
 for site in "${SITES[@]}"; do
-  "$PY" -m common.cli site --bundle "$DEMO/certs/sites/$site" --data "$DEMO/data/$site" --work "$DEMO/work/$site" \
+  "$PY" -m fedrad.cli site --bundle "$DEMO/certs/sites/$site" --data "$DEMO/data/$site" --work "$DEMO/work/$site" \
     --superlink "$ADDRESS" --port "$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" \
     --threads 1 >"$DEMO/logs/$site.log" 2>&1 &
   PIDS+=($!)
@@ -123,7 +123,7 @@ while not (out / "report.json").is_file():
             sys.exit(f"process {pid} exited during the run; see the logs")
     ckpt = out / "state" / "checkpoint.npz"
     if ckpt.is_file():
-        from server.checkpoint import load_checkpoint
+        from fedrad.server.checkpoint import load_checkpoint
         done = load_checkpoint(ckpt).round
         if done > seen:
             seen = done

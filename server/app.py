@@ -9,27 +9,26 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, RecordDict
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from client.train import build_model
-from common.config import RunConfig
-from common.finetune import shared_keys
-from common.finetune import site_bn_stat_keys
-from common.records import ARRAYS, FEDERATION_ID, payload_bytes, to_array_record, to_numpy
-from server.aggregate import spec_of
-from server.checkpoint import Checkpointer, checkpoint_path
-from server.global_model import restore_registry, save_global_model
-from server.reference import exchange_reference, needed
-from server.report import build_report, write_report
-from server.rounds import run_rounds
-from server.shift_report import harmonization_section
-from server.shift_tracking import FedRadShift
-from server.strategy import SiteLog
+from fedrad.common.config import RunConfig
+from fedrad.common.finetune import shared_keys, site_bn_stat_keys
+from fedrad.common.model import build_model
+from fedrad.common.records import ARRAYS, FEDERATION_ID, config_record, payload_bytes, to_array_record, to_numpy
+from fedrad.server.aggregate import spec_of
+from fedrad.server.checkpoint import Checkpointer, checkpoint_path
+from fedrad.server.global_model import restore_registry, save_global_model
+from fedrad.server.reference import exchange_reference, needed
+from fedrad.server.report import build_report, write_report
+from fedrad.server.rounds import run_rounds
+from fedrad.server.shift_report import harmonization_section
+from fedrad.server.shift_tracking import FedRadShift
+from fedrad.server.strategy import SiteLog
 
 log = logging.getLogger("fedrad.coordinator")
 
@@ -43,8 +42,11 @@ def log_round(server_round: int, sites: dict[str, SiteLog]) -> None:
     log.info("round %d finished · test AUC: %s", server_round, " · ".join(parts))
 
 
-def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
+def run_federation(grid: Grid, cfg: RunConfig, truth: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Run `cfg.num_server_rounds` rounds of FedRad and write the report to `cfg.out_dir`.
+
+    `truth` (simulation only: the lab reads the generator's ground truth and hands it over)
+    puts the true priors beside the sites' estimates in the report.
 
     After every round the state is checkpointed under `cfg.out_dir`; a coordinator started
     again on the same out-dir and experiment goes on after the last finished round.
@@ -63,7 +65,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
                            norm_outlier_factor=cfg.norm_outlier_factor, on_round=log_round, bn_expected=bn_expected)
     arrays = checkpoints.restore(strategy, initial)
     restore_registry(strategy.bn_registry, Path(cfg.out_dir), checkpoints.done)
-    run_config = ConfigRecord({**cfg.to_run_config(), FEDERATION_ID: checkpoints.federation_id})
+    run_config = config_record(cfg.to_run_config(), {FEDERATION_ID: checkpoints.federation_id})
     strategy.summary()
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> None:
@@ -79,7 +81,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
                           full_model_bytes=full_model_bytes,
                           shared_payload_bytes=sum(a.nbytes for a in to_numpy(initial).values())
                           + sum(math.prod(s.shape) * s.dtype.itemsize for s in bn_expected.values()),
-                          rejected=strategy.rejected, failed=strategy.failed)
+                          rejected=strategy.rejected, failed=strategy.failed, truth=truth)
     report["round_seconds"] = {str(r): s for r, s in sorted(checkpoints.round_seconds.items())}
     report["bn_registry"] = strategy.bn_registry.summary()  # per site: round, image count (stats: global.npz)
     if exchange is not None:
@@ -90,13 +92,13 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     return report
 
 
-def build_server_app(cfg: RunConfig) -> ServerApp:
-    """A ServerApp bound to an explicit config (for in-process simulation)."""
+def build_server_app(cfg: RunConfig, truth: Mapping[str, Mapping[str, Any]] | None = None) -> ServerApp:
+    """A ServerApp bound to an explicit config (and, in simulation, the data's truth) for in-process runs."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg)
+        run_federation(grid, cfg, truth)
 
     return server_app
 

@@ -16,7 +16,7 @@ population (ddof 0) variances; BN's own unbiased m/(m-1) factor, with m = batch 
 the thousands, is below the float32 noise.
 
 The pooled statistics are what a site never seen in training normalises with
-(`client.unseen`), the alternative being AdaBN on its own images.
+(`fedrad.client.unseen`), the alternative being AdaBN on its own images.
 """
 
 from __future__ import annotations

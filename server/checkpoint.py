@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord
 
-from common.records import from_numpy, to_numpy
-from server.strategy import FedRad, SiteLog
+from fedrad.common.records import from_numpy, to_numpy
+from fedrad.server.strategy import FedRad, SiteLog
 
 log = logging.getLogger("fedrad.coordinator")
 

@@ -1,7 +1,7 @@
 """The coordinator's deployment commands: start the SuperLink, admit the sites, submit a run.
 
 Each builds the command line of a Flower program from a provisioned certificate folder
-(`server.provision.CertsLayout`) and runs it; nothing here speaks Flower's protocol.
+(`fedrad.server.provision.CertsLayout`) and runs it; nothing here speaks Flower's protocol.
 
 - `superlink_command`: TLS with our CA's certificate, node authentication on, runtime
   dependency installation off (the sites and the coordinator run what is installed, never
@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import PROJECT_ROOT
-from common.flower_tools import flower_binary, flower_env, show, toml_literal
-from server.provision import CertsLayout, check_site_name
+from fedrad.common.config import PROJECT_ROOT
+from fedrad.common.flower_tools import flower_binary, flower_env, show, toml_literal
+from fedrad.server.provision import CertsLayout, check_site_name
 
 CONNECTION = "fedrad"
 log = logging.getLogger("fedrad.coordinator")

@@ -10,8 +10,8 @@ then rename, so a crash never leaves half a file):
   image count of its BN report.
 
 A site never seen in training builds the model from ``config``, loads ``shared`` and either
-the pooled BN or its own AdaBN estimate (`client.unseen`). The coordinator writes these
-files beside its checkpoint (`server.checkpoint`) at the end of every round, and on a
+the pooled BN or its own AdaBN estimate (`fedrad.client.unseen`). The coordinator writes these
+files beside its checkpoint (`fedrad.server.checkpoint`) at the end of every round, and on a
 restart refills its BN registry from them (`restore_registry`).
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from server.bn_registry import BNRegistry, SiteBNStats
+from fedrad.server.bn_registry import BNRegistry, SiteBNStats
 
 log = logging.getLogger("fedrad.coordinator")
 NPZ, JSON = "global.npz", "global.json"

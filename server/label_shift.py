@@ -5,32 +5,29 @@ trained on, formed from the per-class counts each site reports with its update (
 are aggregates; no label travels). It goes to every site with each evaluation, as the
 reference its posteriors and corrections are expressed against.
 
-Per site the report shows what the site measured in the last round (`client.site_shift`):
+Per site the report shows what the site measured in the last round (`fedrad.client.site_shift`):
 the estimated priors, ECE / Brier / balanced accuracy before and after correction, global
 vs personalised AUC and the concept-shift flag (with a 95 % interval of the disagreement
 rate behind it), with the site's fallback reasons turned
-into sentences (`common.shift_flags`). In simulation the true prior comes from the
-generator's `truth.json`: P(malignant) among the site's unlabelled images (what its EM
-estimate is measured against), or among all its images when it has none.
+into sentences (`fedrad.common.shift_flags`). In simulation the lab hands over the
+generator's truth (the coordinator never reads generator files), and the true prior is
+P(malignant) among the site's unlabelled images (what its EM estimate is measured
+against), or among all its images when it has none.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord
 from scipy.stats import binomtest
 
-from common.labelshift import prior_from_counts
-from common.records import CLASS_COUNTS
-from common.shift_flags import describe
+from fedrad.common.labelshift import prior_from_counts
+from fedrad.common.records import CLASS_COUNTS
+from fedrad.common.shift_flags import describe
 
-TRUTH_FILE = "truth.json"
 # report.json key <- site metric key
 REPORT_KEYS = {
     "prior_em": "prior-em", "prior_bbse": "prior-bbse", "prior_site": "prior-site", "n_unlabelled": "n-unlabelled",
@@ -50,22 +47,6 @@ def training_prior(train_metrics: Iterable[Mapping[str, float]]) -> np.ndarray |
     if counts is None or counts.sum() <= 0:
         return None
     return prior_from_counts(counts, smoothing=1.0)
-
-
-def prior_record(prior: np.ndarray) -> ConfigRecord:
-    """What the coordinator sends a site with each evaluation: {"prior-train-<c>": π_train[c]}."""
-    return ConfigRecord({f"prior-train-{c}": float(p) for c, p in enumerate(prior)})
-
-
-def load_truth(data_dir: str) -> dict[str, dict[str, Any]]:
-    """Per-site simulation truth from `<data_dir>/truth.json`, by site name; {} for real data."""
-    path = Path(data_dir) / TRUTH_FILE if data_dir else None
-    if path is None or not path.is_file():
-        return {}
-    try:
-        return {s["name"]: s for s in json.loads(path.read_text())["sites"]}
-    except (ValueError, KeyError, TypeError):
-        return {}
 
 
 def _finite(value: Any) -> float | None:

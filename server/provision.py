@@ -22,9 +22,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.bundle import SiteBundle, site_env
-from common.pki import (cert_names, load_cert, load_pem_key, make_ca, make_node_keys, make_server_cert, pem_cert,
-                        pem_key, write_private, write_public)
+from fedrad.common.bundle import SiteBundle, site_env
+from fedrad.server.pki import (
+    cert_names,
+    load_cert,
+    load_pem_key,
+    make_ca,
+    make_node_keys,
+    make_server_cert,
+    pem_cert,
+    pem_key,
+    write_private,
+    write_public,
+)
 
 DEFAULT_NAMES = ("localhost", "127.0.0.1")  # the coordinator's own tools dial it on loopback
 DEFAULT_PORT = 8000

@@ -25,17 +25,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from common.config import RunConfig
-from common.efficientnet_lite import NUM_FEATURES
-from common.harmonize import bin_edges, histogram_problem, pool_histograms, summary
-from common.records import (CONFIG, HARMONIZED, HISTOGRAM, INTENSITY, METRICS, MOMENTS, PROJECTION, QUERY_KIND, RAW,
-                            REFERENCE, REFERENCE_HISTOGRAM, from_numpy, moment_keys)
-from common.feature_shift import Moments, projection, shift_scores
-from server.rounds import registered_names
-from server.strategy import site_name
+from fedrad.common.config import RunConfig
+from fedrad.common.efficientnet_lite import NUM_FEATURES
+from fedrad.common.feature_shift import Moments, projection, shift_scores
+from fedrad.common.harmonize import bin_edges, histogram_problem, pool_histograms, summary
+from fedrad.common.records import (
+    CONFIG,
+    HARMONIZED,
+    HISTOGRAM,
+    INTENSITY,
+    METRICS,
+    MOMENTS,
+    PROJECTION,
+    QUERY_KIND,
+    RAW,
+    REFERENCE,
+    REFERENCE_HISTOGRAM,
+    config_record,
+    from_numpy,
+    moment_keys,
+)
+from fedrad.server.rounds import registered_names
+from fedrad.server.strategy import site_name
 
 log = logging.getLogger("fedrad.coordinator")
 
@@ -121,7 +135,7 @@ def query_sites(grid: Grid, cfg: RunConfig, kind: str, reference: ArrayRecord | 
             log.info("waiting for sites: %d connected, %d needed (min-sites)", len(nodes), cfg.min_sites)
         time.sleep(1.0)
         waited += 1
-    content = RecordDict({CONFIG: ConfigRecord({**cfg.to_run_config(), QUERY_KIND: kind})})
+    content = RecordDict({CONFIG: config_record(cfg.to_run_config(), {QUERY_KIND: kind})})
     if reference is not None:
         content[REFERENCE] = reference
     messages = [Message(content=content, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]

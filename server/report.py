@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
-from server.label_shift import load_truth, markdown_section, site_fields, training_prior
-from server.shift_report import harmonization_markdown
-from server.strategy import SiteLog
+from fedrad.common.config import RunConfig
+from fedrad.server.label_shift import markdown_section, site_fields, training_prior
+from fedrad.server.shift_report import harmonization_markdown
+from fedrad.server.strategy import SiteLog
 
 
 def _clean(value: float) -> float | None:
@@ -43,8 +44,10 @@ def site_row(site: SiteLog, truth: dict[str, Any] | None = None) -> dict[str, An
 
 
 def build_report(cfg: RunConfig, sites: dict[str, SiteLog], *, wall_seconds: float, full_model_bytes: int,
-                 shared_payload_bytes: int, rejected: list, failed: list) -> dict[str, Any]:
-    truth = load_truth(cfg.data_dir)
+                 shared_payload_bytes: int, rejected: list, failed: list,
+                 truth: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The report dict. `truth` (simulation only, from the lab): per-site ground truth by site name."""
+    truth = truth or {}
     prior = training_prior(s.train[max(s.train)] for s in sites.values() if s.train)
     return {
         "strategy": f"{cfg.bn_mode}, freeze-blocks={cfg.freeze_blocks}",

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from server.strategy import FedRad
+from fedrad.server.strategy import FedRad
 
 log = logging.getLogger("fedrad.coordinator")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from common.harmonize import summary
-from server.reference import Exchange, site_table
+from fedrad.common.harmonize import summary
+from fedrad.server.reference import Exchange, site_table
 
 
 def _num(value: float | None) -> float | None:

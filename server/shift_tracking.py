@@ -16,9 +16,9 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from common.records import METRICS, MOMENTS, N_FEATURES, REFERENCE, moment_keys
-from common.feature_shift import Moments, shift_scores
-from server.strategy import FedRad, site_name
+from fedrad.common.feature_shift import Moments, shift_scores
+from fedrad.common.records import METRICS, MOMENTS, N_FEATURES, REFERENCE, moment_keys
+from fedrad.server.strategy import FedRad, site_name
 
 log = logging.getLogger("fedrad.coordinator")
 

@@ -13,10 +13,10 @@ Sending is FedAvg's own (the same shared arrays and run config to every site). W
 - per site and per round it records the metrics the site reported and the bytes its
   replies took on the wire (measured from the received messages, not from a formula);
 - each site's BN running statistics (record `bn-stats`, with their image count) go, after
-  the same validation, into the per-site BN registry (`server.bn_registry`), whose pooled
+  the same validation, into the per-site BN registry (`fedrad.server.bn_registry`), whose pooled
   statistics serve sites never seen in training. They are never averaged into the model.
 - every evaluation carries the training prior formed from the sites' class counts
-  (`server.label_shift`), the reference of each site's label-shift correction.
+  (`fedrad.server.label_shift`), the reference of each site's label-shift correction.
 """
 
 from __future__ import annotations
@@ -31,12 +31,29 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.records import ARRAYS, LABEL_SHIFT, METRICS, NUM_EXAMPLES, SITE, from_numpy, payload_bytes, to_numpy
-from common.records import BN_SAMPLES, BN_STATS
-from server.aggregate import (ArraySpec, UpdateRejected, norm_outliers, update_distance, validate_update,
-                              weighted_average)
-from server.bn_registry import BNRegistry
-from server.label_shift import prior_record, training_prior
+from fedrad.common.records import (
+    ARRAYS,
+    BN_SAMPLES,
+    BN_STATS,
+    LABEL_SHIFT,
+    METRICS,
+    NUM_EXAMPLES,
+    SITE,
+    from_numpy,
+    payload_bytes,
+    prior_record,
+    to_numpy,
+)
+from fedrad.server.aggregate import (
+    ArraySpec,
+    UpdateRejected,
+    norm_outliers,
+    update_distance,
+    validate_update,
+    weighted_average,
+)
+from fedrad.server.bn_registry import BNRegistry
+from fedrad.server.label_shift import training_prior
 
 log = logging.getLogger("fedrad.coordinator")
 

@@ -8,7 +8,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from client.dataset import SiteData
+from fedrad.client.dataset import SiteData
 
 _SOP_CLASS = {
     "CT": "1.2.840.10008.5.1.4.1.1.2",
@@ -110,7 +110,7 @@ def disk(
 def tiny_site(root: Path, *, name: str = "tiny", n_patients: int = 16, seed: int = 1, image_size: int = 96,
               **spec: object) -> Path:
     """One small synthetic site folder under `root` (real DICOM + labels.csv); `spec` overrides SiteSpec fields."""
-    from common.synth import SiteSpec, generate
+    from fedrad.lab.synth import SiteSpec, generate
 
     fields = {"prevalence": 0.5, "spacing_mm": 0.8, "noise_hu": 10, "kernel": "smooth", "hu_offset": 0,
               "manufacturer": "Siemens", **spec}

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-import client.app as site_app
-from client.train import build_model
-from common.config import RunConfig
-from common.finetune import shared_keys, site_bn_stat_keys
-from common.records import ARRAYS, to_array_record
+import fedrad.client.app as site_app
+from fedrad.common.config import RunConfig
+from fedrad.common.finetune import shared_keys, site_bn_stat_keys
+from fedrad.common.model import build_model
+from fedrad.common.records import ARRAYS, config_record, to_array_record
 from tests.helpers import tiny_site as tiny_site_in
 
 pytestmark = pytest.mark.usefixtures("flower_task")
@@ -22,7 +22,7 @@ def tiny_site(tmp_path_factory):
 def message(cfg: RunConfig, kind: str) -> Message:
     model = build_model(cfg)
     arrays = to_array_record(model.state_dict(), shared_keys(model, cfg.bn_mode))
-    config = ConfigRecord({**cfg.to_run_config(), "server-round": 1})
+    config = config_record(cfg.to_run_config(), {"server-round": 1})
     return Message(content=RecordDict({ARRAYS: arrays, "config": config}), dst_node_id=1, message_type=kind)
 
 
@@ -97,3 +97,23 @@ def test_train_reply_reports_class_counts(tiny_site, tmp_path):
                       state=RecordDict(), run_config={})
     metrics = site_app.train(message(cfg, "train"), context).content["metrics"]
     assert metrics["n-class-0"] + metrics["n-class-1"] == metrics["n-train"] and metrics["n-class-1"] > 0
+
+
+@pytest.mark.parametrize("handler, kind", [(site_app.train, "train"), (site_app.evaluate_, "evaluate"),
+                                           (site_app.query, "query")])
+@pytest.mark.parametrize("theirs", ["0.0.9", None])
+def test_a_coordinator_on_another_fedrad_version_is_refused_naming_both(tiny_site, tmp_path, handler, kind, theirs):
+    from fedrad.common.version import VersionMismatch, __version__
+
+    cfg = RunConfig(local_epochs=1, batch_size=8, fov_mm=32.0, out_dir=str(tmp_path))
+    msg = message(cfg, kind)
+    if theirs is None:
+        del msg.content["config"]["fedrad-version"]
+    else:
+        msg.content["config"]["fedrad-version"] = theirs
+    context = Context(run_id=1, node_id=1, node_config={"data-dir": str(tiny_site), "work-dir": str(tmp_path / "w")},
+                      state=RecordDict(), run_config={})
+    with pytest.raises(VersionMismatch, match=f"coordinator runs fedrad {theirs or '.none sent'}.* site runs fedrad "
+                                              f"{__version__}"):
+        handler(msg, context)
+    assert not (tmp_path / "w").exists()  # refused before it read or wrote anything

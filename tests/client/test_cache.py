@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from client.cache import MEMORY, Entry, FeatureCache, MemoryLayer, dihedral
-from client.features import prefix_bn_layers, site_inputs
-from client.train import build_model, fit, pixel_inputs, predict_proba
-from common.config import RunConfig
+from fedrad.client.cache import MEMORY, Entry, FeatureCache, MemoryLayer, dihedral
+from fedrad.client.features import prefix_bn_layers, site_inputs
+from fedrad.client.train import fit, pixel_inputs, predict_proba
+from fedrad.common.config import RunConfig
+from fedrad.common.model import build_model
 from tests.helpers import array_site as site
 
 CPU = torch.device("cpu")
@@ -129,7 +130,7 @@ def test_memory_layer_counts_a_replaced_entry_once():
 
 def test_the_cache_key_changes_with_the_code_that_computes_the_prefix(monkeypatch):
     """Another torch (other kernels) or a bumped cache version is a miss, not a stale hit with other rounding."""
-    from client import cache
+    from fedrad.client import cache
 
     key = cache.cache_key(freeze_blocks=14)
     assert cache.cache_key(freeze_blocks=14) == key

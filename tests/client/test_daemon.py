@@ -4,9 +4,9 @@ import shlex
 
 import pytest
 
-from client.daemon import supernode_command
-from common.bundle import SiteBundle
-from server.provision import provision
+from fedrad.client.daemon import supernode_command
+from fedrad.common.bundle import SiteBundle
+from fedrad.server.provision import provision
 
 
 @pytest.fixture

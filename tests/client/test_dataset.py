@@ -1,4 +1,4 @@
-"""Tests for client.dataset.load_site: good rows load, each bad row is skipped with a reason."""
+"""Tests for fedrad.client.dataset.load_site: good rows load, each bad row is skipped with a reason."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.dataset import LABEL_COLUMNS, SiteData, SiteDataError, Skipped, load_site
-from common.dicom import read_image
-from common.preprocess import Preprocessor
+from fedrad.client.dataset import SiteData, SiteDataError, Skipped, load_site
+from fedrad.client.labels import LABEL_COLUMNS
+from fedrad.common.dicom import read_image
+from fedrad.common.preprocess import Preprocessor
 from tests.helpers import disk, write_dicom
 
 PRE = Preprocessor(spacing_mm=1.0, fov_mm=16.0)  # 16 x 16 px: fast
@@ -149,7 +150,7 @@ def test_public_names() -> None:
 
 
 def test_cached_loading_notices_a_changed_file(tmp_path):
-    from client.dataset import load_site_cached
+    from fedrad.client.loaded_sites import load_site_cached
     from tests.helpers import tiny_site
 
     folder = tiny_site(tmp_path, name="m", n_patients=12, seed=0, image_size=64, noise_hu=5, manufacturer="GE")

@@ -2,7 +2,7 @@
 
 import torch
 
-from client.local_state import LocalStateStore
+from fedrad.client.local_state import LocalStateStore
 
 
 def test_latest_before_a_round_and_pruning(tmp_path):

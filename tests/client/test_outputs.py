@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from client.features import SiteInputs
-from client.outputs import SiteOutputs
-from client.train import build_model, pixel_inputs
-from common.config import RunConfig
+from fedrad.client.features import SiteInputs
+from fedrad.client.outputs import SiteOutputs
+from fedrad.client.train import pixel_inputs
+from fedrad.common.config import RunConfig
+from fedrad.common.model import build_model
 
 CPU = torch.device("cpu")
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from client.personalise import disagreement, head_probs, personalise_head
+from fedrad.client.personalise import disagreement, head_probs, personalise_head
 
 
 def data(n=400, shift=0.0, seed=0):

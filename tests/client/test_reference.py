@@ -4,17 +4,18 @@ import shutil
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 
-import client.app as site_app
-from client.dataset import load_site
-from client.reference import load_inputs, site_intensity, site_preprocessor
-from common.config import RunConfig
-from common.harmonize import N_BINS, HarmonizationWarning
-from common.records import from_numpy
-from common.feature_shift import projection
+import fedrad.client.app as site_app
+from fedrad.client.dataset import load_site
+from fedrad.client.reference import load_inputs, site_intensity, site_preprocessor
+from fedrad.common.config import RunConfig
+from fedrad.common.feature_shift import projection
+from fedrad.common.harmonize import N_BINS, HarmonizationWarning
+from fedrad.common.records import config_record, from_numpy
 from tests.client.test_app import message
-from tests.helpers import tiny_site as tiny_site_in, write_dicom
+from tests.helpers import tiny_site as tiny_site_in
+from tests.helpers import write_dicom
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -30,7 +31,7 @@ def context(folder, tmp_path):
 
 
 def query(cfg, kind, reference=None):
-    content = RecordDict({"config": ConfigRecord({**cfg.to_run_config(), "fedrad-query": kind})})
+    content = RecordDict({"config": config_record(cfg.to_run_config(), {"fedrad-query": kind})})
     if reference is not None:
         content["reference"] = from_numpy(reference)
     return Message(content=content, dst_node_id=1, message_type="query")
@@ -110,20 +111,22 @@ def test_a_site_with_a_constant_image_and_too_few_pixels_warns_and_trains(tiny_s
 
 def test_the_histogram_pass_keeps_the_raw_cnn_inputs_so_the_next_load_decodes_nothing(tiny_site, tmp_path,
                                                                                       monkeypatch):
-    import client.dataset as dataset
-    from client.dataset import load_site, load_site_cached
-    from client.reference import _MEMO, raw_preprocessor
+    import fedrad.client.dataset as dataset
+    import fedrad.client.loaded_sites as loaded_sites
+    from fedrad.client.dataset import load_site
+    from fedrad.client.loaded_sites import load_site_cached
+    from fedrad.client.reference import _MEMO, raw_preprocessor
 
     cfg = RunConfig(spacing_mm=0.5, fov_mm=16.0)
     alone = site_intensity(tiny_site, cfg)
     _MEMO.clear()
-    dataset._LOADED.clear()
+    loaded_sites._LOADED.clear()
     teed = site_intensity(tiny_site, cfg, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(teed.counts, alone.counts)
     assert (teed.n_images, teed.spacing_mm) == (alone.n_images, alone.spacing_mm)
     assert len(list((tmp_path / "cache").glob("pixels-*.npz"))) == 1
     fresh = load_site(tiny_site, raw_preprocessor(cfg))
-    dataset._LOADED.clear()  # a new process: only the site's own store is left
+    loaded_sites._LOADED.clear()  # a new process: only the site's own store is left
 
     def no_decoding(path):
         raise AssertionError(f"{path} decoded again")
@@ -140,8 +143,9 @@ def test_the_histogram_pass_keeps_the_raw_cnn_inputs_so_the_next_load_decodes_no
 @pytest.fixture
 def decodes(monkeypatch):
     """(list of files decoded so far, a function that forgets what this process remembers)."""
-    import client.dataset as dataset
-    import client.reference as reference_module
+    import fedrad.client.dataset as dataset
+    import fedrad.client.loaded_sites as loaded_sites
+    import fedrad.client.reference as reference_module
 
     decoded = []
     real = dataset.read_image
@@ -149,7 +153,7 @@ def decodes(monkeypatch):
 
     def fresh_process():
         reference_module._MEMO.clear()
-        dataset._LOADED.clear()
+        loaded_sites._LOADED.clear()
         dataset._DECODED.clear()
 
     return decoded, fresh_process

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 
-import client.app as site_app
-from client.train import build_model
-from common.config import RunConfig
-from common.finetune import shared_keys
-from common.records import ARRAYS, from_array_record, from_numpy, to_array_record, to_numpy
+import fedrad.client.app as site_app
+from fedrad.common.config import RunConfig
+from fedrad.common.finetune import shared_keys
+from fedrad.common.model import build_model
+from fedrad.common.records import ARRAYS, config_record, from_array_record, from_numpy, to_array_record, to_numpy
 from tests.helpers import tiny_site as tiny_site_in
 
 pytestmark = pytest.mark.usefixtures("flower_task")
@@ -21,7 +21,7 @@ def tiny_site(tmp_path_factory):
 
 
 def message(cfg, arrays, server_round):
-    config = ConfigRecord({**cfg.to_run_config(), "server-round": server_round})
+    config = config_record(cfg.to_run_config(), {"server-round": server_round})
     return Message(content=RecordDict({ARRAYS: arrays, "config": config}), dst_node_id=1, message_type="train")
 
 

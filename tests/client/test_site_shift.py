@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax
 
-import client.site_shift as site_shift
-from client.folds import two_folds
-from client.site_shift import MIN_UNLABELLED, correct_site, personalise_site
-from common.config import RunConfig
-from common.labelshift import PriorEstimate
-from common.shift_flags import ShiftFlag, describe
+import fedrad.client.site_shift as site_shift
+from fedrad.client.folds import two_folds
+from fedrad.client.site_shift import MIN_UNLABELLED, correct_site, personalise_site
+from fedrad.common.config import RunConfig
+from fedrad.common.labelshift import PriorEstimate
+from fedrad.common.shift_flags import ShiftFlag, describe
 
 REF = np.array([0.5, 0.5])  # the training prior
 

@@ -5,9 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from client import dataset, site_store
-from client.dataset import load_site, load_site_cached
-from common.preprocess import Preprocessor
+from fedrad.client import dataset, loaded_sites, site_store
+from fedrad.client.dataset import load_site
+from fedrad.client.loaded_sites import load_site_cached
+from fedrad.common.preprocess import Preprocessor
 from tests.helpers import tiny_site
 
 PREP = Preprocessor(spacing_mm=1.0, fov_mm=24.0)
@@ -24,7 +25,7 @@ def folder(tmp_path):
 
 def fresh_process() -> None:
     """What a new process (a Deployment Engine message, another actor) starts from."""
-    dataset._LOADED.clear()
+    loaded_sites._LOADED.clear()
     dataset._DECODED.clear()
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.bn import bn_modules, bn_state_keys, recalibrate_bn
+from fedrad.common.bn import bn_modules, bn_state_keys, recalibrate_bn
 
 
 class Tiny(nn.Module):

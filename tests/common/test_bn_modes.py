@@ -5,12 +5,19 @@ import pytest
 import torch
 from torch import nn
 
-from common.bn import bn_modules, recalibrate_bn
-from common.efficientnet_lite import efficientnet_lite0
-from common.finetune import (NUM_UNITS, SHARED_BN_PARTS, freeze_units, local_keys, shared_keys, site_bn_stat_keys,
-                             trainable_bn_modules)
-from server.aggregate import weighted_average
-from server.bn_registry import BNRegistry
+from fedrad.common.bn import bn_modules, recalibrate_bn
+from fedrad.common.efficientnet_lite import efficientnet_lite0
+from fedrad.common.finetune import (
+    LINEAR_PROBE,
+    SHARED_BN_PARTS,
+    freeze_units,
+    local_keys,
+    shared_keys,
+    site_bn_stat_keys,
+    trainable_bn_modules,
+)
+from fedrad.server.aggregate import weighted_average
+from fedrad.server.bn_registry import BNRegistry
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +83,7 @@ def test_site_bn_statistics_are_those_of_trainable_bn_only(model):
     assert keys and all(k.endswith(("running_mean", "running_var")) for k in keys)
     assert {k.rpartition(".")[0] for k in keys} == trainable_bn_modules(model)
     probe = efficientnet_lite0(pretrained=False, num_classes=2, seed=0)
-    freeze_units(probe, NUM_UNITS)
+    freeze_units(probe, LINEAR_PROBE)
     assert site_bn_stat_keys(probe) == []  # linear probe: no BN adapts, nothing to report
 
 

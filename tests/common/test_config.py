@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.config import RunConfig, project_run_config
+from fedrad.common.config import RunConfig, project_run_config
 
 
 def test_pyproject_run_config_mirrors_the_dataclass_defaults():

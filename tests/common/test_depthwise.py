@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common.depthwise import SMALL_MAP, depthwise_conv2d, split_weight_grad, uses_split
-from common.efficientnet_lite import SameConv2d, efficientnet_lite0, same_pad
+from fedrad.common.depthwise import SMALL_MAP, depthwise_conv2d, split_weight_grad, uses_split
+from fedrad.common.efficientnet_lite import SameConv2d, efficientnet_lite0, same_pad
 
 
 def _case(size: int, stride: int, channels: int = 24, kernel: int = 5, seed: int = 0):

@@ -1,4 +1,4 @@
-"""Tests for common.dicom.read_image: units, photometric, spacing, and failures."""
+"""Tests for fedrad.common.dicom.read_image: units, photometric, spacing, and failures."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 
-from common.dicom import DicomImage, DicomReadError, read_image
+from fedrad.common.dicom import DicomImage, DicomReadError, read_image
 from tests.helpers import write_dicom
 
 STORED = np.array([[0, 100, 500], [1000, 1500, 2000]], dtype=np.int16)

@@ -5,7 +5,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common.efficientnet_lite import INPUT_SCALING, NUM_BLOCKS, EfficientNetLite0, efficientnet_lite0, weights_path
+from fedrad.common.efficientnet_lite import (
+    INPUT_SCALING,
+    NUM_BLOCKS,
+    EfficientNetLite0,
+    efficientnet_lite0,
+    weights_path,
+)
 
 
 def test_packaged_weights_load_exactly():
@@ -61,7 +67,7 @@ def test_tf_same_padding_keeps_ceil_sizes(size):
 @pytest.mark.parametrize(("size", "kernel", "stride"), [(12, 1, 1), (12, 3, 1), (11, 5, 1), (12, 3, 2), (11, 5, 2)])
 def test_same_padding_matches_tensorflow_padding_by_hand(size, kernel, stride):
     """The conv's own (symmetric) padding and the explicit asymmetric pad give TF's "same" output."""
-    from common.efficientnet_lite import SameConv2d
+    from fedrad.common.efficientnet_lite import SameConv2d
 
     torch.manual_seed(0)
     conv = SameConv2d(4, 6, kernel, stride=stride, bias=False)

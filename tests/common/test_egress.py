@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from common.egress import EgressError, EgressPolicy, check_egress
-from common.records import TRAIN_METRICS, describe, from_numpy
+from fedrad.common.egress import EgressError, EgressPolicy, check_egress
+from fedrad.common.records import TRAIN_METRICS, describe, from_numpy
 
 POLICY = EgressPolicy.build({"_fc.weight": (2, 1280), "_fc.bias": (2,)}, TRAIN_METRICS)
 
@@ -41,7 +41,7 @@ def test_anything_per_image_is_refused(bad, match):
 
 
 def test_label_shift_aggregates_pass_only_as_scalars():
-    from common.records import EVAL_METRICS, LABEL_SHIFT_METRICS
+    from fedrad.common.records import EVAL_METRICS, LABEL_SHIFT_METRICS
 
     policy = EgressPolicy.build({}, EVAL_METRICS)
     scalars = {"num-examples": 50, **{key: 0.5 for key in LABEL_SHIFT_METRICS}}

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from common.egress import EgressError, EgressPolicy, aggregate_records, check_egress
-from common.harmonize import N_BINS
-from common.records import EVAL_METRICS, N_FEATURES, REFERENCE_METRICS, describe, from_numpy
+from fedrad.common.egress import EgressError, EgressPolicy, aggregate_records, check_egress
+from fedrad.common.harmonize import N_BINS
+from fedrad.common.records import EVAL_METRICS, N_FEATURES, REFERENCE_METRICS, describe, from_numpy
 
 
 def content(metrics=None, **records):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from common.egress import EgressError, EgressPolicy, check_egress
-from common.records import TRAIN_METRICS, describe, from_numpy
+from fedrad.common.egress import EgressError, EgressPolicy, check_egress
+from fedrad.common.records import TRAIN_METRICS, describe, from_numpy
 
 WEIGHTS = {"_fc.weight": (2, 1280), "_fc.bias": (2,)}
 BN = {"_bn1.running_mean": (1280,), "_bn1.running_var": (1280,)}

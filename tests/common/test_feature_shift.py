@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from common.feature_shift import Moments, frechet_distance, moments, pool_moments, projection, shift_scores
+from fedrad.common.feature_shift import Moments, frechet_distance, moments, pool_moments, projection, shift_scores
 
 
 def direct_frechet(x: np.ndarray, y: np.ndarray) -> float:

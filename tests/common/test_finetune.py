@@ -4,10 +4,19 @@ import pytest
 import torch
 from torch import nn
 
-from common.bn import BN_TYPES, bn_state_keys
-from common.efficientnet_lite import efficientnet_lite0
-from common.finetune import (NUM_UNITS, freeze_units, local_keys, make_optimizer, param_groups, set_train_mode,
-                             shared_keys, unit_of_parameter)
+from fedrad.common.bn import BN_TYPES, bn_state_keys
+from fedrad.common.efficientnet_lite import efficientnet_lite0
+from fedrad.common.finetune import (
+    CLASSIFIER_LEVEL,
+    LINEAR_PROBE,
+    freeze_units,
+    local_keys,
+    make_optimizer,
+    param_groups,
+    set_train_mode,
+    shared_keys,
+    unit_of_parameter,
+)
 
 
 @pytest.fixture
@@ -22,7 +31,7 @@ def test_levels_cover_every_parameter_in_order(model):
     assert levels["_blocks.0._depthwise_conv.weight"] == 1
     assert levels["_blocks.15._project_conv.weight"] == 16
     assert levels["_conv_head.weight"] == 17
-    assert levels["_fc.weight"] == NUM_UNITS + 1
+    assert levels["_fc.weight"] == CLASSIFIER_LEVEL
 
 
 @pytest.mark.parametrize("k", [-1, 0, 5, 14, 17])
@@ -76,7 +85,7 @@ def test_discriminative_learning_rates(model):
 
 
 def test_linear_probe_trains_only_the_classifier(model):
-    freeze_units(model, NUM_UNITS)
+    freeze_units(model, LINEAR_PROBE)
     assert [g.level for g in param_groups(model, lr_max=0.01, lr_decay=0.5)] == [18]
     assert shared_keys(model) == ["_fc.weight", "_fc.bias"]
 

@@ -5,9 +5,21 @@ import warnings
 import numpy as np
 import pytest
 
-from common.harmonize import (BIN_HU, HU_MAX, HU_MIN, METHODS, MIN_PIXELS, N_BINS, HarmonizationWarning,
-                              IntensityMatch, bin_edges, histogram_problem, intensity_histogram, pool_histograms,
-                              quantiles, summary)
+from fedrad.common.harmonize import (
+    BIN_HU,
+    HU_MAX,
+    HU_MIN,
+    MIN_PIXELS,
+    N_BINS,
+    HarmonizationWarning,
+    IntensityMatch,
+    bin_edges,
+    histogram_problem,
+    intensity_histogram,
+    pool_histograms,
+    quantiles,
+    summary,
+)
 
 
 def lung_ct(rng, n, offset=0.0, noise=30.0, tissue=0.1):

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from common.labelshift import (bbse_prior, confusion_given_label, correct_posteriors, em_prior,
-                               prior_from_counts)
+from fedrad.common.labelshift import bbse_prior, confusion_given_label, correct_posteriors, em_prior, prior_from_counts
 
 
 def gaussian_mixture(n: int, prior_pos: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

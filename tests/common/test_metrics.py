@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from common.metrics import classification_metrics, expected_calibration_error
+from fedrad.common.metrics import classification_metrics, expected_calibration_error
 
 
 def test_ece_of_a_perfectly_calibrated_predictor_is_small():
@@ -30,7 +30,7 @@ def test_one_class_gives_nan_auc_not_a_crash():
 
 
 def test_ece_floor_is_what_calibrated_posteriors_score_and_shrinks_with_more_images():
-    from common.metrics import ece_noise_floor
+    from fedrad.common.metrics import ece_noise_floor
 
     assert ece_noise_floor(np.array([0.0, 1.0, 1.0, 0.0])) == 0.0  # certain and right: no noise to measure
     rng = np.random.default_rng(3)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common import efficientnet_lite
-from common.efficientnet_lite import efficientnet_lite0
-from common.pointwise import LINEAR_MAX_MAP, pointwise_conv2d, uses_linear
+from fedrad.common import efficientnet_lite
+from fedrad.common.efficientnet_lite import efficientnet_lite0
+from fedrad.common.pointwise import LINEAR_MAX_MAP, pointwise_conv2d, uses_linear
 
 
 def _case(size: int, c_in: int = 24, c_out: int = 40, seed: int = 0):

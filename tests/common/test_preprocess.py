@@ -1,4 +1,4 @@
-"""Tests for common.preprocess: spacing-correct resampling and channel mapping."""
+"""Tests for fedrad.common.preprocess: spacing-correct resampling and channel mapping."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.dicom import DicomImage, read_image
-from common.preprocess import (
+from fedrad.common.dicom import DicomImage, read_image
+from fedrad.common.preprocess import (
     CT_WINDOWS,
     NormalizeForBackbone,
     Preprocessor,

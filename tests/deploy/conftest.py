@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.synth import SiteSpec, generate
-from server.provision import provision
+from fedrad.lab.synth import SiteSpec, generate
+from fedrad.server.provision import provision
 from tests.deploy.deployment import Deployment
 
 SITES = ("a", "b", "c")

@@ -8,7 +8,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from common.flower_tools import flower_binary, flower_env
+from fedrad.common.flower_tools import flower_binary, flower_env
 from tests.deploy.harness import PROJECT, Proc, free_port, python_cli, wait_for
 
 FAST_RUN = "local-epochs=1 batch-size=8 fov-mm=32.0 min-sites=2"

@@ -108,4 +108,4 @@ def wait_for(what: str, condition: Callable[[], bool], *, watch: Sequence[Proc] 
 
 def python_cli(*args: str) -> list[str]:
     """`fedrad ARGS` run from this checkout (the interpreter of the test run)."""
-    return [sys.executable, "-m", "common.cli", *args]
+    return [sys.executable, "-m", "fedrad.cli", *args]

@@ -12,8 +12,8 @@ import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-import client.app as site
-from common.records import ARRAYS, from_numpy, to_numpy
+import fedrad.client.app as site
+from fedrad.common.records import ARRAYS, from_numpy, to_numpy
 
 app = ClientApp()
 

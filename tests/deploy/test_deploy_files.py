@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import build_parser
+from fedrad.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

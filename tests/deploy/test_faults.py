@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from server.checkpoint import checkpoint_path, load_checkpoint
+from fedrad.server.checkpoint import checkpoint_path, load_checkpoint
 from tests.deploy.conftest import SITES
 from tests.deploy.deployment import FAST_RUN
 from tests.deploy.harness import wait_for

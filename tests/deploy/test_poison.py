@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 
-from client.train import build_model
-from common.config import RunConfig
-from common.finetune import shared_keys
-from server.aggregate import update_distance
-from server.checkpoint import checkpoint_path, load_checkpoint
+from fedrad.common.config import RunConfig
+from fedrad.common.finetune import shared_keys
+from fedrad.common.model import build_model
+from fedrad.server.aggregate import update_distance
+from fedrad.server.checkpoint import checkpoint_path, load_checkpoint
 from tests.deploy.conftest import SITES
 from tests.deploy.harness import PROJECT, wait_for
 
@@ -28,7 +28,7 @@ def poisoning_app(folder):
     for name in ("tests/__init__.py", "tests/deploy/__init__.py", "tests/deploy/poison_app.py"):
         shutil.copy(PROJECT / name, folder / name)
     pyproject = (PROJECT / "pyproject.toml").read_text()
-    changed = pyproject.replace('clientapp = "client.app:app"', 'clientapp = "tests.deploy.poison_app:app"')
+    changed = pyproject.replace('clientapp = "fedrad.client.app:app"', 'clientapp = "tests.deploy.poison_app:app"')
     assert changed != pyproject
     (folder / "pyproject.toml").write_text(changed)
     return folder

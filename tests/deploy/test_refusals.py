@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.flower_tools import flower_binary
+from fedrad.common.flower_tools import flower_binary
 from tests.deploy.harness import free_port, wait_for
 
 pytestmark = pytest.mark.slow

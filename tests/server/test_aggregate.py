@@ -3,8 +3,14 @@
 import numpy as np
 import pytest
 
-from server.aggregate import (UpdateRejected, norm_outliers, spec_of, update_distance, validate_update,
-                              weighted_average)
+from fedrad.server.aggregate import (
+    UpdateRejected,
+    norm_outliers,
+    spec_of,
+    update_distance,
+    validate_update,
+    weighted_average,
+)
 
 
 def test_weighted_average_is_sample_weighted():

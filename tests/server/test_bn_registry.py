@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from server.bn_registry import BNRegistry, pool_moments
+from fedrad.server.bn_registry import BNRegistry, pool_moments
 
 
 def site_data(seed, n, shift):

@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from common.config import RunConfig
-from common.records import from_numpy
-from server.aggregate import spec_of
-from server.checkpoint import Checkpoint, Checkpointer, checkpoint_path, load_checkpoint, save_checkpoint
-from server.strategy import FedRad, SiteLog
+from fedrad.common.config import RunConfig
+from fedrad.common.records import from_numpy
+from fedrad.server.aggregate import spec_of
+from fedrad.server.checkpoint import Checkpoint, Checkpointer, checkpoint_path, load_checkpoint, save_checkpoint
+from fedrad.server.strategy import FedRad, SiteLog
 
 ARRAYS = {"_fc.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "_fc.bias": np.array([0.5, -1], np.float32)}
 
@@ -46,7 +46,7 @@ def test_a_torn_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("server.checkpoint.os.replace", crash)
+    monkeypatch.setattr("fedrad.server.checkpoint.os.replace", crash)
     with pytest.raises(OSError):
         save_checkpoint(path, sample(round_=2))
     assert load_checkpoint(path).round == 1

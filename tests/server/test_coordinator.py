@@ -6,9 +6,9 @@ import tomllib
 
 import pytest
 
-from server import coordinator
-from server.coordinator import register_sites, submit_command, superlink_command, write_connection
-from server.provision import CertsLayout, provision
+from fedrad.server import coordinator
+from fedrad.server.coordinator import register_sites, submit_command, superlink_command, write_connection
+from fedrad.server.provision import CertsLayout, provision
 
 
 @pytest.fixture(scope="module")

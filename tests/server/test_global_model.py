@@ -4,15 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from client.dataset import SiteData
-from client.train import build_model, pixel_inputs, predict_proba
-from client.unseen import evaluate_unseen, global_model_for_site
-from common.bn import recalibrate_bn
-from common.config import RunConfig
-from common.finetune import shared_keys, site_bn_stat_keys
-from common.metrics import classification_metrics
-from server.bn_registry import BNRegistry
-from server.global_model import load_global_model, restore_registry, save_global_model
+from fedrad.client.dataset import SiteData
+from fedrad.client.train import pixel_inputs, predict_proba
+from fedrad.client.unseen import evaluate_unseen, global_model_for_site
+from fedrad.common.bn import recalibrate_bn
+from fedrad.common.config import RunConfig
+from fedrad.common.finetune import shared_keys, site_bn_stat_keys
+from fedrad.common.metrics import classification_metrics
+from fedrad.common.model import build_model
+from fedrad.server.bn_registry import BNRegistry
+from fedrad.server.global_model import load_global_model, restore_registry, save_global_model
 
 CFG = RunConfig(bn_mode="silobn", batch_size=4)
 

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from common.config import RunConfig
-from common.records import LABEL_SHIFT, from_numpy
-from common.shift_flags import ShiftFlag
-from server.aggregate import spec_of
-from server.label_shift import load_truth, markdown_section, prior_record, site_fields, training_prior
-from server.report import build_report, to_markdown
-from server.strategy import FedRad
+from fedrad.common.config import RunConfig
+from fedrad.common.records import LABEL_SHIFT, from_numpy, prior_from_record, prior_record
+from fedrad.common.shift_flags import ShiftFlag
+from fedrad.lab.synth import load_truth
+from fedrad.server.aggregate import spec_of
+from fedrad.server.label_shift import markdown_section, site_fields, training_prior
+from fedrad.server.report import build_report, to_markdown
+from fedrad.server.strategy import FedRad
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -24,6 +25,12 @@ def test_training_prior_pools_the_sites_counts():
     assert prior == pytest.approx([81 / 202, 121 / 202])  # add-one smoothed: (80 + 1) / (200 + 2)
     assert training_prior([{"auc": 0.9}]) is None and training_prior([]) is None
     assert dict(prior_record(np.array([0.25, 0.75]))) == {"prior-train-0": 0.25, "prior-train-1": 0.75}
+
+
+def test_the_prior_record_decodes_what_it_encodes_and_names_a_missing_key():
+    assert prior_from_record(prior_record(np.array([0.3, 0.7]))) == pytest.approx([0.3, 0.7])
+    with pytest.raises(ValueError, match="no 'prior-train-1' key"):
+        prior_from_record(ConfigRecord({"prior-train-0": 0.3}))
 
 
 class FakeGrid:
@@ -69,7 +76,7 @@ def test_site_fields_take_truth_from_the_simulation_and_name_the_site(tmp_path):
 
 
 def test_report_has_the_label_shift_keys_and_section(tmp_path):
-    from server.strategy import SiteLog
+    from fedrad.server.strategy import SiteLog
 
     site = SiteLog("site-b", train={1: {"n-train": 100, "n-class-0": 20, "n-class-1": 80}},
                    evaluate={1: {"num-examples": 50, "auc": 0.9, "prior-em": 0.8, "ece-uncorrected": 0.12,
@@ -89,3 +96,15 @@ def test_report_has_the_label_shift_keys_and_section(tmp_path):
     assert row["disagreement_ci95"] == pytest.approx([0.1124, 0.3304], abs=1e-4)
     assert "0.200 [0.11, 0.33] ⚑" in text
     assert markdown_section({"sites": [{"name": "x"}]}) == []  # nothing measured: no section
+
+
+def test_the_report_takes_truth_only_from_its_caller_never_from_the_data_folder(tmp_path):
+    from fedrad.server.strategy import SiteLog
+
+    (tmp_path / "truth.json").write_text(json.dumps({"sites": [{"name": "site-b", "prior_true": 0.9}]}))
+    site = SiteLog("site-b", train={1: {"n-train": 10, "n-class-0": 5, "n-class-1": 5}}, evaluate={1: {"auc": 0.9}})
+    args = dict(wall_seconds=1.0, full_model_bytes=10, shared_payload_bytes=5, rejected=[], failed=[])
+    cfg = RunConfig(data_dir=str(tmp_path))
+    assert build_report(cfg, {"site-b": site}, **args)["sites"][0]["prior_true"] is None
+    handed = build_report(cfg, {"site-b": site}, truth=load_truth(tmp_path), **args)
+    assert handed["sites"][0]["prior_true"] == 0.9

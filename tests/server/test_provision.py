@@ -5,9 +5,9 @@ import stat
 import pytest
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from common.bundle import SiteBundle
-from common.pki import cert_names, load_cert
-from server.provision import CertsLayout, provision
+from fedrad.common.bundle import SiteBundle
+from fedrad.server.pki import cert_names, load_cert
+from fedrad.server.provision import CertsLayout, provision
 
 
 def mode(path):

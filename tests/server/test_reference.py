@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from common.config import RunConfig
-from common.harmonize import N_BINS, intensity_histogram, pool_histograms
-from common.records import from_numpy
-from common.feature_shift import moments, shift_scores
-from server.aggregate import spec_of
-from server.reference import choose_spacing, exchange_reference, needed
-from server.shift_tracking import FedRadShift
+from fedrad.common.config import RunConfig
+from fedrad.common.feature_shift import moments, shift_scores
+from fedrad.common.harmonize import N_BINS, intensity_histogram, pool_histograms
+from fedrad.common.records import from_numpy
+from fedrad.server.aggregate import spec_of
+from fedrad.server.reference import choose_spacing, exchange_reference, needed
+from fedrad.server.shift_tracking import FedRadShift
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 

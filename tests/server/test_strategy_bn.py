@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from common.records import from_numpy, to_numpy
-from server.aggregate import spec_of
-from server.strategy import FedRad
+from fedrad.common.records import from_numpy, to_numpy
+from fedrad.server.aggregate import spec_of
+from fedrad.server.strategy import FedRad
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from common.calibration import BCTS, fit_bcts
-from common.labelshift import em_prior
-from common.metrics import brier_score, expected_calibration_error
+from fedrad.client.calibration import BCTS, fit_bcts
+from fedrad.common.labelshift import em_prior
+from fedrad.common.metrics import brier_score, expected_calibration_error
 
 
 def miscalibrated(n: int, prior_pos: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

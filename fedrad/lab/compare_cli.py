@@ -1,4 +1,4 @@
-"""`fedrad compare`: the subcommand's flags and what it prints (the work is in `server.compare`)."""
+"""`fedrad compare`: the subcommand's flags and what it prints (the work is in `fedrad.lab.compare`)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,6 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loso-bn-mode", default="silobn", choices=("silobn", "fedbn", "shared"),
                    help="bn-mode of the leave-one-site-out federations (default: silobn, whose global model "
                         "carries the BN affine parameters)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="parallel jobs (default 1: each federation runs in Flower's Simulation Engine over all cores)")
     p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
                    help="override [tool.flwr.app.config] keys for every strategy, e.g. \"local-epochs=1\"")
     p.set_defaults(func=cmd_compare)
@@ -52,12 +50,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from common.cli import DEFAULT_DATA, load_config, make_synthetic
-    from server.compare import compare, plan_compare
-    from server.compare_report import rich_table
+    from fedrad.common.config import load_run_config
+    from fedrad.lab.compare import compare, plan_compare
+    from fedrad.lab.compare_report import rich_table
+    from fedrad.lab.synth import DEFAULT_DATA, make_synthetic
 
     log = logging.getLogger("fedrad.compare")
-    cfg = load_config(args.run_config)
+    cfg = load_run_config(args.run_config)
     data = args.data
     if data is None:
         data = DEFAULT_DATA
@@ -74,8 +73,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     handlers = logging.getLogger("fedrad").handlers
     console = getattr(handlers[0], "console", None) if handlers else None
     console = console or Console(stderr=True)
-    log.info("%d jobs: %s × seeds %s%s, engine %s", len(plan.jobs), ", ".join(plan.strategies), plan.seeds,
-             f" + leave-one-out of {len(plan.sites)} sites" if plan.loso else "", plan.engine)
+    log.info("%d jobs: %s × seeds %s%s, each in Flower's Simulation Engine", len(plan.jobs),
+             ", ".join(plan.strategies), plan.seeds, f" + leave-one-out of {len(plan.sites)} sites" if plan.loso else "")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         task = progress.add_task("fedrad compare", total=len(plan.jobs))
@@ -84,7 +83,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             progress.advance(task)
             log.info("%s", _job_line(job, result))
 
-        summary = compare(plan, workers=args.workers, on_done=on_done)
+        summary = compare(plan, on_done=on_done)
     out = Console()
     if not out.is_terminal:
         out.width = 200  # a log file gets the whole table on one line per strategy

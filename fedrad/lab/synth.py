@@ -19,18 +19,23 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-from common.synth_lesion import LesionShape, lesion_alpha, lesion_hu, lung_background, sample_lesion
+from fedrad.lab.synth_lesion import LesionShape, lesion_alpha, lesion_hu, lung_background, sample_lesion
+
+DEFAULT_DATA = Path("data/synthetic")  # where the command line writes and finds the built-in data
+TRUTH_FILE = "truth.json"  # the simulation's ground truth, beside the site folders
 
 
 @dataclass(frozen=True)
@@ -319,5 +324,32 @@ def generate(
         if on_site_done is not None:
             on_site_done(site.name, site.n_patients)
     truth_text = json.dumps({"seed": seed, "sites": truth}, indent=2) + "\n"
-    (out_dir / "truth.json").write_text(truth_text, encoding="utf-8")
+    (out_dir / TRUTH_FILE).write_text(truth_text, encoding="utf-8")
     return folders
+
+
+def make_synthetic(out: Path, *, seed: int = 0) -> list[Path]:
+    """Generate the default synthetic sites into `out`, with a progress bar."""
+    from rich.progress import Progress
+
+    specs = default_sites()
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"writing synthetic DICOM to {out}", total=len(specs))
+        folders = generate(out, sites=specs, seed=seed, on_site_done=lambda name, n: progress.advance(task))
+    total = sum(s.n_patients for s in specs)
+    logging.getLogger("fedrad").info("wrote %d sites, %d patients, to %s", len(folders), total, out)
+    return folders
+
+
+def load_truth(data_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Per-site simulation truth from `<data_dir>/truth.json`, by site name; {} for real data.
+
+    Only the lab reads it (and hands it to the report): the coordinator never reads generator files.
+    """
+    path = Path(data_dir) / TRUTH_FILE if data_dir else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return {s["name"]: s for s in json.loads(path.read_text())["sites"]}
+    except (ValueError, KeyError, TypeError):
+        return {}

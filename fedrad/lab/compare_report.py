@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from server.compare import ComparePlan
+from fedrad.lab.compare_plan import BY_NAME, ComparePlan
 
 METRICS = ("auc", "balanced_accuracy", "ece")
 HIGHER_IS_BETTER = {"auc": True, "balanced_accuracy": True, "ece": False}
@@ -126,8 +125,6 @@ def gaps(results: list[dict[str, Any]], strategies: list[str], sites: list[str],
 
 def summarize(plan: ComparePlan, results: list[dict[str, Any]], *, wall_seconds: float) -> dict[str, Any]:
     """compare.json's content from the plan and every job's result."""
-    from server.compare import BY_NAME
-
     runs = [summarize_strategy(BY_NAME[name], _by_seed(results, "strategy", name), plan.sites)
             for name in plan.strategies]
     by_name = {r["strategy"]: r for r in runs}
@@ -148,7 +145,7 @@ def summarize(plan: ComparePlan, results: list[dict[str, Any]], *, wall_seconds:
         "local_epochs": plan.base.local_epochs,
         "freeze_blocks": plan.base.freeze_blocks,
         "loso_bn_mode": plan.loso_bn_mode if plan.loso else None,
-        "engine": plan.engine,
+        "engine": "flower",  # every federated job runs in Flower's Simulation Engine
         "data_dir": str(data_dir),
         "sites": plan.sites,
         "smallest_site": smallest,

@@ -1,4 +1,4 @@
-"""Tests for the synthetic multi-center CT generator (common.synth)."""
+"""Tests for the synthetic multi-center CT generator (fedrad.lab.synth)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from pydicom.pixels import apply_modality_lut
 from skimage import measure
 
-from common.synth import SiteSpec, _assign_labels, _write_dicom, default_sites, generate, render_slice
-from common.synth_lesion import lesion_alpha, sample_lesion
+from fedrad.lab.synth import SiteSpec, _assign_labels, _write_dicom, default_sites, generate, render_slice
+from fedrad.lab.synth_lesion import lesion_alpha, sample_lesion
 
 TINY = [
     SiteSpec("s1", 12, 0.5, 0.6, 10.0, "smooth", 0.0, "Siemens"),

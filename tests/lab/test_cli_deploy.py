@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.cli import build_parser, main
+from fedrad.cli import build_parser, main
 
 COMMANDS = ("provision", "coordinator", "register", "site", "submit")
 

@@ -2,8 +2,8 @@
 
     fedrad synth --out data/synthetic          # built-in multi-center DICOM data
     fedrad simulate --out runs/demo            # federated run in Flower's Simulation Engine
-    fedrad compare --out runs/compare          # every strategy side by side (server/compare_cli.py)
-    fedrad provision | coordinator | register | site | submit   # a real deployment (common/cli_deploy.py)
+    fedrad compare --out runs/compare          # every strategy side by side (fedrad/lab/compare_cli.py)
+    fedrad provision | coordinator | register | site | submit   # a real deployment (fedrad/cli_deploy.py)
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli_deploy import add_deploy_commands
-
-DEFAULT_DATA = Path("data/synthetic")
-# Before torch loads OpenMP: waiting threads sleep rather than spin (on a busy 2-core
-# machine spinning threads starve each other; measured 30-60x slower small convolutions).
+# Before anything loads torch (and its OpenMP): waiting threads sleep rather than spin (on a busy
+# 2-core machine spinning threads starve each other; measured 30-60x slower small convolutions).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from fedrad.cli_deploy import add_deploy_commands  # noqa: E402
+from fedrad.common.config import load_run_config as load_config  # noqa: E402
+from fedrad.lab.compare_cli import add_compare_parser  # noqa: E402
+from fedrad.lab.synth import DEFAULT_DATA, make_synthetic  # noqa: E402
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -39,42 +41,16 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def make_synthetic(out: Path, *, seed: int = 0) -> list[Path]:
-    """Generate the default synthetic sites into `out`, with a progress bar."""
-    from rich.progress import Progress
-
-    from common.synth import default_sites, generate
-
-    specs = default_sites()
-    with Progress(transient=True) as progress:
-        task = progress.add_task(f"writing synthetic DICOM to {out}", total=len(specs))
-        folders = generate(out, sites=specs, seed=seed, on_site_done=lambda name, n: progress.advance(task))
-    total = sum(s.n_patients for s in specs)
-    logging.getLogger("fedrad").info("wrote %d sites, %d patients, to %s", len(folders), total, out)
-    return folders
-
-
 def cmd_synth(args: argparse.Namespace) -> int:
     make_synthetic(args.out, seed=args.seed)
     return 0
-
-
-def load_config(overrides: Sequence[str]) -> "RunConfig":  # noqa: F821
-    """pyproject's [tool.flwr.app.config], then `--run-config "k=v ..."` overrides, as a RunConfig."""
-    from flwr.common.config import parse_config_args
-
-    from common.config import RunConfig, project_run_config
-
-    values = project_run_config()
-    values.update(parse_config_args(list(overrides)) if overrides else {})
-    return RunConfig.from_run_config(values)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from server.simulate import simulate
+    from fedrad.lab.simulate import simulate
 
     cfg = load_config(args.run_config)
     data = args.data
@@ -106,7 +82,7 @@ def cmd_shift(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from server.shift_study import run_shift_study
+    from fedrad.lab.shift_study import run_shift_study
 
     cfg = load_config(args.run_config)
     data = args.data or DEFAULT_DATA
@@ -134,7 +110,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from server.bench import run_bench
+    from fedrad.lab.bench import run_bench
 
     console = Console()
     data = args.data or DEFAULT_DATA
@@ -162,7 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
-    from client.gpu_bench import main as gpu_main
+    from fedrad.lab.gpu_bench import main as gpu_main
 
     return gpu_main(args)
 
@@ -246,8 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/gpu"))
     p.set_defaults(func=cmd_bench_gpu)
     add_deploy_commands(sub)
-
-    from server.compare_cli import add_compare_parser
 
     add_compare_parser(sub)
     return parser

@@ -33,9 +33,10 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 
 def _training_setup(cfg, data, work: Path, *, cached: bool):  # noqa: ANN001, ANN202
     """(train-one-epoch callable, seconds to build its inputs): the model and inputs local training would use."""
-    from client.cache import MEMORY
-    from client.features import n_views, site_inputs
-    from client.train import build_model, fit, pick_device, pixel_inputs
+    from fedrad.client.cache import MEMORY
+    from fedrad.client.features import n_views, site_inputs
+    from fedrad.client.train import fit, pick_device, pixel_inputs
+    from fedrad.common.model import build_model
 
     device = pick_device(cfg.device)
     model = build_model(cfg, device)
@@ -80,9 +81,9 @@ def reply_bytes(cfg) -> int:
     """Serialised size of a site's train reply under `cfg` (shared arrays + scalar metrics + name)."""
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-    from client.train import build_model
-    from common.finetune import shared_keys
-    from common.records import ARRAYS, METRICS, SITE, payload_bytes, to_array_record
+    from fedrad.common.finetune import shared_keys
+    from fedrad.common.model import build_model
+    from fedrad.common.records import ARRAYS, METRICS, SITE, payload_bytes, to_array_record
 
     model = build_model(cfg)
     content = RecordDict({ARRAYS: to_array_record(model.state_dict(), shared_keys(model, cfg.bn_mode)),
@@ -95,8 +96,8 @@ def reply_bytes(cfg) -> int:
 def full_model_bytes(cfg) -> int:
     from flwr.app import RecordDict
 
-    from client.train import build_model
-    from common.records import ARRAYS, payload_bytes, to_array_record
+    from fedrad.common.model import build_model
+    from fedrad.common.records import ARRAYS, payload_bytes, to_array_record
 
     state = build_model(cfg).state_dict()
     return payload_bytes(RecordDict({ARRAYS: to_array_record(state, list(state))}))
@@ -121,7 +122,7 @@ def _tree_rss(pid: int) -> int:
 
 def measure_simulate(data: Path, out: Path, extra: list[str] | None = None) -> dict[str, float]:
     """Run `fedrad simulate` as a child process; wall time and peak RSS of its process tree."""
-    cmd = [sys.executable, "-m", "common.cli", "simulate", "--data", str(data), "--out", str(out), *(extra or [])]
+    cmd = [sys.executable, "-m", "fedrad.cli", "simulate", "--data", str(data), "--out", str(out), *(extra or [])]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0
@@ -147,10 +148,10 @@ def measure_simulate(data: Path, out: Path, extra: list[str] | None = None) -> d
 
 
 def run_bench(data: Path, out: Path, *, simulate: bool = True, progress=print) -> dict[str, Any]:  # noqa: ANN001
-    from client.dataset import load_site
-    from client.reference import raw_preprocessor
-    from common.config import RunConfig, project_run_config
-    from common.sites import discover_sites
+    from fedrad.client.dataset import load_site
+    from fedrad.client.reference import raw_preprocessor
+    from fedrad.common.config import RunConfig, project_run_config
+    from fedrad.common.sites import discover_sites
 
     cfg = RunConfig.from_run_config(project_run_config())
     site_dir = discover_sites(data)[0]

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
-from common.sites import discover_sites
+from fedrad.common.config import RunConfig
+from fedrad.common.sites import discover_sites
 
 
 def simulate(cfg: RunConfig, *, num_cpus: int | None = None, cpus_per_site: float = 1.0,
@@ -26,9 +26,10 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, cpus_per_site: floa
     """
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
-    from server.app import build_server_app
-    from server.checkpoint import checkpoint_path
+    from fedrad.client.app import app as client_app
+    from fedrad.lab.synth import load_truth
+    from fedrad.server.app import build_server_app
+    from fedrad.server.checkpoint import checkpoint_path
 
     sites = discover_sites(Path(cfg.data_dir))
     num_cpus = num_cpus or os.cpu_count() or 1
@@ -40,7 +41,7 @@ def simulate(cfg: RunConfig, *, num_cpus: int | None = None, cpus_per_site: floa
         checkpoint_path(cfg.out_dir).unlink(missing_ok=True)
     start = time.perf_counter()
     run_simulation(
-        server_app=build_server_app(cfg),
+        server_app=build_server_app(cfg, load_truth(cfg.data_dir)),
         client_app=client_app,
         num_supernodes=len(sites),
         backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},

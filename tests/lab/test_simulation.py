@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from common.config import RunConfig
-from common.synth import SiteSpec, generate
-from server.simulate import simulate
+from fedrad.common.config import RunConfig
+from fedrad.lab.simulate import simulate
+from fedrad.lab.synth import SiteSpec, generate
 
 pytestmark = pytest.mark.slow
 

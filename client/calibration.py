@@ -1,6 +1,6 @@
 """Bias-corrected temperature scaling (BCTS; Alexandari, Kundaje & Shrikumar 2020).
 
-EM label-shift estimation (`common.labelshift.em_prior`) is only as good as the
+EM label-shift estimation (`fedrad.common.labelshift.em_prior`) is only as good as the
 posteriors it is given: a network trained with cross-entropy is usually over-confident
 and, under a prior it was not trained for, biased per class. BCTS fits one temperature
 T > 0 and one bias per class on held-out labelled images,

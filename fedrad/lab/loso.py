@@ -18,11 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from client.dataset import SiteData
-from client.unseen import evaluate_unseen
-from common.config import RunConfig
-from common.sites import discover_sites
-from server.global_model import load_global_model
+from fedrad.client.dataset import SiteData
+from fedrad.client.unseen import evaluate_unseen
+from fedrad.common.config import RunConfig
+from fedrad.common.sites import discover_sites
+from fedrad.server.global_model import load_global_model
 
 
 def federation_without(data_dir: Path, held_out: str, folder: Path) -> Path:

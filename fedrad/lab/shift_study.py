@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from common.config import RunConfig
-from server.simulate import simulate
+from fedrad.common.config import RunConfig
+from fedrad.lab.simulate import simulate
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

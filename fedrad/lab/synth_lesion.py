@@ -1,4 +1,4 @@
-"""Anatomy drawing for the synthetic CT data set (see `common.synth`): lesion and lung.
+"""Anatomy drawing for the synthetic CT data set (see `fedrad.lab.synth`): lesion and lung.
 
 A lesion is first *sampled* as a physical description in millimetres (`LesionShape`),
 independent of any pixel grid, and then *rasterised* at a site's pixel spacing. That split

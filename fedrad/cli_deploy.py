@@ -6,8 +6,8 @@
     fedrad site --bundle certs/sites/hospital-a --data /srv/data --work /var/lib/fedrad-site
     fedrad submit --certs certs --out /var/lib/fedrad/runs/exp1 --rounds 10
 
-Each parses its flags and calls one function of `server.provision`, `server.coordinator`
-or `client.daemon`; the daemons replace this process by Flower's own program (exec), so
+Each parses its flags and calls one function of `fedrad.server.provision`, `fedrad.server.coordinator`
+or `fedrad.client.daemon`; the daemons replace this process by Flower's own program (exec), so
 systemd and containers signal Flower directly. deploy/README.md is the operator's guide.
 """
 
@@ -23,7 +23,7 @@ FMT = argparse.RawDescriptionHelpFormatter
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from server.provision import provision
+    from fedrad.server.provision import provision
 
     result = provision(args.certs, sites=args.site, names=args.name, port=args.port, rotate=args.rotate,
                        renew_coordinator=args.renew_coordinator, force=args.force)
@@ -37,9 +37,9 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from common.flower_tools import exec_flower, show
-    from server.coordinator import daemon_env, superlink_command
-    from server.provision import CertsLayout
+    from fedrad.common.flower_tools import exec_flower, show
+    from fedrad.server.coordinator import daemon_env, superlink_command
+    from fedrad.server.provision import CertsLayout
 
     argv = superlink_command(CertsLayout(args.certs), args.state, host=args.host, port=args.port)
     if args.dry_run:
@@ -52,8 +52,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from server.coordinator import register_sites, write_connection
-    from server.provision import CertsLayout
+    from fedrad.server.coordinator import register_sites, write_connection
+    from fedrad.server.provision import CertsLayout
 
     layout = CertsLayout(args.certs)
     write_connection(args.superlink, layout.coordinator_ca)
@@ -63,9 +63,9 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_site(args: argparse.Namespace) -> int:
-    from client.daemon import daemon_env, supernode_command
-    from common.bundle import SiteBundle
-    from common.flower_tools import exec_flower, show
+    from fedrad.client.daemon import daemon_env, supernode_command
+    from fedrad.common.bundle import SiteBundle
+    from fedrad.common.flower_tools import exec_flower, show
 
     argv = supernode_command(SiteBundle(args.bundle), args.data, args.work, superlink=args.superlink, site=args.site,
                              port=args.port, max_retries=args.max_retries)
@@ -79,9 +79,9 @@ def cmd_site(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from common.flower_tools import flower_env, show
-    from server.coordinator import submit_command, write_connection
-    from server.provision import CertsLayout
+    from fedrad.common.flower_tools import flower_env, show
+    from fedrad.server.coordinator import submit_command, write_connection
+    from fedrad.server.provision import CertsLayout
 
     write_connection(args.superlink, CertsLayout(args.certs).coordinator_ca)
     argv = submit_command(args.out, overrides=args.run_config, rounds=args.rounds, stream=args.stream,

@@ -16,14 +16,15 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from client.features import compute_prefix
-from client.train import autocast, build_model, cached_inputs, first_trainable_unit, fit, pick_device
-from common.config import RunConfig
+from fedrad.client.features import compute_prefix
+from fedrad.client.train import autocast, cached_inputs, fit, pick_device
+from fedrad.common.config import RunConfig
+from fedrad.common.finetune import first_trainable_unit
+from fedrad.common.model import build_model
 
 
 def _sync(device: torch.device) -> None:
@@ -49,7 +50,7 @@ def measure(*, device: torch.device, image_size: int, batch_size: int, images: i
     cfg = RunConfig(freeze_blocks=freeze_blocks, batch_size=batch_size, local_epochs=1, spacing_mm=0.5,
                     fov_mm=image_size * 0.5, augment="none")
     model = build_model(cfg, device)
-    start = first_trainable_unit(cfg)
+    start = first_trainable_unit(cfg.freeze_blocks)
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(images, 3, image_size, image_size, generator=generator).numpy()
     features = compute_prefix(model, x, start, 1, device, batch_size=batch_size)

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.synth import SiteSpec, generate
-from server.compare import compare, plan_compare
+from fedrad.common.config import RunConfig
+from fedrad.lab.compare import compare
+from fedrad.lab.compare_plan import plan_compare
+from fedrad.lab.synth import SiteSpec, generate
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def test_compare_on_tiny_sites_writes_the_issue_schema(data, tmp_path):
     plan = plan_compare(tiny(data, tmp_path), out=tmp_path / "cmp", seeds=2,
                         strategies=["local", "pooled", "fedbn", "fedavg-full"])
     done = []
-    summary = compare(plan, workers=2, on_done=lambda job, result: done.append((job.name, result["seed"])))
+    summary = compare(plan, on_done=lambda job, result: done.append((job.name, result["seed"])))
     assert len(done) == len(plan.jobs) == 2 * (4 + 3)
     on_disk = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [r["strategy"] for r in on_disk["runs"]] == ["local", "pooled", "fedbn", "fedavg-full"]
@@ -73,10 +74,10 @@ def one_thread():
 
 def test_local_is_a_federation_of_one(data, tmp_path, one_thread):
     """`local` trains on the federation's schedule: a one-site federation gives the same model, the same AUC."""
-    from client.dataset import load_site
-    from common.preprocess import Preprocessor
-    from server.centralised import run_local
-    from server.simulate import simulate
+    from fedrad.client.dataset import load_site
+    from fedrad.common.preprocess import Preprocessor
+    from fedrad.lab.centralised import run_local
+    from fedrad.lab.simulate import simulate
 
     only = tmp_path / "only"
     only.mkdir()

@@ -2,7 +2,7 @@
 
 Simulation only. `pooled` puts every site's images on one machine, which is exactly what
 fedrad exists to avoid; it is the upper bound a federation is measured against. Both reuse
-the site's own training code (`client.train.fit`, fed through `client.features`, so the
+the site's own training code (`fedrad.client.train.fit`, fed through `fedrad.client.features`, so the
 frozen prefix is cached as at a site) on the federation's schedule: `num-server-rounds`
 calls of `fit`, each `local-epochs` epochs with a fresh optimizer, BN re-estimated at the
 end, and the same per-round seeds as a site in a federation. So the only difference to a
@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from client.dataset import SiteData
-from client.features import site_inputs
-from client.train import Inputs, build_model, fit, pick_device, predict_proba
-from common.config import RunConfig
-from common.efficientnet_lite import EfficientNetLite0
-from common.metrics import classification_metrics
+from fedrad.client.dataset import SiteData
+from fedrad.client.features import site_inputs
+from fedrad.client.train import Inputs, fit, pick_device, predict_proba
+from fedrad.common.config import RunConfig
+from fedrad.common.efficientnet_lite import EfficientNetLite0
+from fedrad.common.metrics import classification_metrics
+from fedrad.common.model import build_model
 
 
 def train_on_schedule(model: EfficientNetLite0, inputs: Inputs, y: np.ndarray, cfg: RunConfig) -> None:

@@ -9,7 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from common.pki import cert_names, make_ca, make_node_keys, make_server_cert, write_private
+from fedrad.server.pki import cert_names, make_ca, make_node_keys, make_server_cert, write_private
 
 
 def test_server_certificate_is_signed_by_the_ca_for_every_name():

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from common.config import RunConfig
-from common.synth import SiteSpec, generate
-from server.shift_study import run_shift_study, summarise, to_markdown
+from fedrad.common.config import RunConfig
+from fedrad.lab.shift_study import run_shift_study, summarise, to_markdown
+from fedrad.lab.synth import SiteSpec, generate
 
 
 def fake_report(auc_b, pre_b, final_b):

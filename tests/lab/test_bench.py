@@ -5,10 +5,10 @@ from argparse import Namespace
 
 import pytest
 
-from client.train import build_model
-from common.config import RunConfig
-from common.finetune import shared_keys
-from server.bench import STRATEGIES, full_model_bytes, reply_bytes
+from fedrad.common.config import RunConfig
+from fedrad.common.finetune import shared_keys
+from fedrad.common.model import build_model
+from fedrad.lab.bench import STRATEGIES, full_model_bytes, reply_bytes
 
 
 def raw_shared_bytes(cfg: RunConfig) -> int:
@@ -34,7 +34,7 @@ def test_strategies_order_by_what_they_share():
 
 @pytest.mark.slow
 def test_gpu_bench_script_runs_on_cpu(tmp_path):
-    from client.gpu_bench import main
+    from fedrad.lab.gpu_bench import main
 
     args = Namespace(device="cpu", image_size=64, batch_size=8, images=16, freeze_blocks=14, steps=1, out=tmp_path)
     assert main(args) == 0
@@ -45,19 +45,19 @@ def test_gpu_bench_script_runs_on_cpu(tmp_path):
 
 def test_cached_and_uncached_epochs_alternate_and_the_figures_agree(tmp_path, monkeypatch):
     """The two kinds of epoch are timed turn about (machine drift must not enter the ratio)."""
-    import client.train
-    from server.bench import epoch_seconds
+    import fedrad.client.train
+    from fedrad.lab.bench import epoch_seconds
     from tests.helpers import array_site
 
     data = array_site(n=8)
     order = []
-    real_fit = client.train.fit
+    real_fit = fedrad.client.train.fit
 
     def spy(model, inputs, *args, **kwargs):
         order.append("uncached" if inputs.forward is model else "cached")
         return real_fit(model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(client.train, "fit", spy)
+    monkeypatch.setattr(fedrad.client.train, "fit", spy)
     cfg = RunConfig(freeze_blocks=14, batch_size=4, fov_mm=16.0, augment="none")
     figures = epoch_seconds(cfg, data, tmp_path, epochs=3)
     assert order == ["uncached", "cached"] * 4  # one warm-up pair, then three timed pairs

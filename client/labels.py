@@ -1,0 +1,164 @@
+"""The labels.csv grammar: which rows of a site's index are valid, and why a row is left out.
+
+A site folder looks like::
+
+    site_a/
+        labels.csv          image,label,split[,roi_x,roi_y]
+        scans/0001.dcm ...
+
+* ``image``: path relative to the site folder ("/" or "\\" separators);
+  absolute paths and ".." are refused so labels.csv cannot reach outside.
+* ``label``: ``0``/``1`` (``0.0``/``1.0`` accepted), or empty = unlabelled.
+* ``split``: ``train`` or ``test`` (case-insensitive). Unlabelled rows must be
+  ``train`` (they feed semi-supervised/label-shift estimation); a ``test`` row
+  without a label cannot be scored and is skipped.
+* ``roi_x``, ``roi_y`` (optional): lesion centre in input pixel indices,
+  x = column, y = row, 0-based, (x, y) = centre of that pixel; fractions
+  allowed. Both empty (or the columns absent) = image centre.
+
+A bad row is recorded as a :class:`Skipped` with a reason that names the line and the
+value, and the rest is read. Only a missing or unusable labels.csv is fatal
+(:class:`SiteDataError`). Reading the images the rows name is `fedrad.client.dataset`'s job.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+LABEL_COLUMNS = ("image", "label", "split", "roi_x", "roi_y")
+REQUIRED_COLUMNS = ("image", "label", "split")
+_LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
+_SPLITS = ("train", "test")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class SiteDataError(ValueError):
+    """The site cannot be loaded at all (labels.csv missing or malformed)."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """One row or file left out, and why.
+
+    Attributes:
+        file: The image path as written in labels.csv, or "labels.csv:<line>"
+            when the row itself is bad (label, split, roi, empty image cell).
+        reason: What was wrong, naming the line and the offending value.
+    """
+
+    file: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Row:
+    """A labels.csv row that passed validation (`image` as written, `rel` the path it names)."""
+
+    line: int
+    image: str  # as written
+    rel: PurePosixPath
+    label: int | None
+    split: str
+    roi_xy: tuple[float, float] | None
+
+
+def read_labels(csv_path: Path, skipped: list[Skipped]) -> list[Row]:
+    """Parse and validate labels.csv; bad rows go to ``skipped``."""
+    expected = "expected columns: image,label,split (optional: roi_x,roi_y)"
+    if not csv_path.is_file():
+        raise SiteDataError(f"{csv_path}: labels.csv not found; each site folder needs one ({expected})")
+    rows: list[Row] = []
+    first_line: dict[PurePosixPath, int] = {}
+    try:
+        with open(csv_path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle)
+            header = [h.strip().lower() for h in next(reader, [])]
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if missing:
+                unknown = [h for h in header if h not in LABEL_COLUMNS]
+                raise SiteDataError(
+                    f"{csv_path}: missing required column(s) {', '.join(missing)}; header has "
+                    f"{header or 'nothing'}"
+                    + (f" (unrecognised: {', '.join(unknown)})" if unknown else "")
+                    + f"; {expected}"
+                )
+            index = {name: header.index(name) for name in LABEL_COLUMNS if name in header}
+            for cells in reader:
+                if not any(c.strip() for c in cells):
+                    continue  # blank line
+                line = reader.line_num
+
+                def get(name: str, cells: list[str] = cells) -> str:
+                    column = index.get(name, len(cells))
+                    return cells[column].strip() if column < len(cells) else ""
+
+                parsed = _parse_row(line, get, skipped)
+                if parsed is None:
+                    continue
+                if parsed.rel in first_line:
+                    skipped.append(Skipped(
+                        parsed.image,
+                        f"labels.csv line {line}: duplicate of line {first_line[parsed.rel]} "
+                        "(same image); only the first row is used",
+                    ))
+                    continue
+                first_line[parsed.rel] = line
+                rows.append(parsed)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise SiteDataError(f"{csv_path}: not a readable UTF-8 CSV file ({exc}); {expected}") from exc
+    return rows
+
+
+def _parse_row(line: int, get: Callable[[str], str], skipped: list[Skipped]) -> Row | None:
+    """Validate one row; on failure record why and return None."""
+    where = f"labels.csv:{line}"
+    image = get("image")
+    if not image:
+        skipped.append(Skipped(where, f"labels.csv line {line}: empty 'image' cell"))
+        return None
+    rel = PurePosixPath(image.replace("\\", "/"))
+    if rel.is_absolute() or _DRIVE.match(image) or ".." in rel.parts or rel == PurePosixPath("."):
+        skipped.append(Skipped(
+            image,
+            f"labels.csv line {line}: image path {image!r} must be relative to the site folder "
+            "and stay inside it (no absolute paths, no '..')",
+        ))
+        return None
+    raw_label = get("label")
+    if raw_label and raw_label not in _LABELS:
+        skipped.append(Skipped(
+            where, f"labels.csv line {line} ({image}): label must be 0, 1 or empty, got {raw_label!r}"
+        ))
+        return None
+    label = _LABELS.get(raw_label)
+    split = get("split").lower()
+    if split not in _SPLITS:
+        skipped.append(Skipped(
+            where, f"labels.csv line {line} ({image}): split must be 'train' or 'test', got {get('split')!r}"
+        ))
+        return None
+    if split == "test" and label is None:
+        skipped.append(Skipped(
+            where, f"labels.csv line {line} ({image}): test row has no label; a test image must be "
+            "labelled 0 or 1 (put unlabelled images in the train split)"
+        ))
+        return None
+    raw_x, raw_y = get("roi_x"), get("roi_y")
+    roi_xy = None
+    if raw_x or raw_y:
+        try:
+            roi_xy = (float(raw_x), float(raw_y))
+            if not all(math.isfinite(v) for v in roi_xy):
+                raise ValueError
+        except ValueError:
+            skipped.append(Skipped(
+                where, f"labels.csv line {line} ({image}): roi_x and roi_y must both be numbers "
+                f"(pixel column, row) or both empty, got roi_x={raw_x!r}, roi_y={raw_y!r}"
+            ))
+            return None
+    return Row(line, image, rel, label, split, roi_xy)

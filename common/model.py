@@ -1,0 +1,26 @@
+"""The network both roles build: pretrained EfficientNet-Lite0, a 2-class head, frozen up to the run's point.
+
+The coordinator builds it to know the shared keys, their shapes and the initial weights;
+each site builds the very same model to train. One definition, so both always agree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedrad.common.config import RunConfig
+from fedrad.common.efficientnet_lite import EfficientNetLite0, efficientnet_lite0
+from fedrad.common.finetune import freeze_units
+
+NUM_CLASSES = 2  # benign / malignant
+
+
+def build_model(cfg: RunConfig, device: torch.device | None = None) -> EfficientNetLite0:
+    """Pretrained EfficientNet-Lite0 with a 2-class head (seeded), frozen up to `freeze_blocks`."""
+    model = efficientnet_lite0(pretrained=True, num_classes=NUM_CLASSES, seed=cfg.seed)
+    freeze_units(model, cfg.freeze_blocks)
+    # Channels-last on CPU too: measured 1.5x faster for the prefix and the suffix (mkldnn), same results.
+    model = model.to(memory_format=torch.channels_last)
+    if device is not None and device.type == "cuda":
+        model = model.to(device)
+    return model

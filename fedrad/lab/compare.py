@@ -1,0 +1,109 @@
+"""`fedrad compare`: run every job of a `ComparePlan` and write the comparison.
+
+Jobs run one after another in this process: each federated job runs in Flower's
+Simulation Engine (`fedrad.lab.simulate`), which spreads it over the cores itself. The
+process loads a site's images once and reuses them for every job, baselines and ClientApps
+alike (`fedrad.client.loaded_sites.load_site_cached`), and every run caches its
+frozen-prefix features as a site does (`fedrad.client.features`).
+
+Results are deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedrad.common.config import RunConfig
+from fedrad.common.sites import discover_sites
+from fedrad.lab.compare_plan import ComparePlan, Job
+
+log = logging.getLogger("fedrad.compare")
+
+
+def _site_data(folder: Path, cfg: RunConfig) -> Any:
+    """A site's images, loaded once per process and shared with the ClientApps it runs (`load_site_cached`)."""
+    from fedrad.client.loaded_sites import load_site_cached
+    from fedrad.client.reference import raw_preprocessor
+
+    return load_site_cached(folder, raw_preprocessor(cfg))
+
+
+def _federate(cfg: RunConfig) -> dict[str, Any]:
+    """A federated run in Flower's Simulation Engine."""
+    from fedrad.lab.simulate import simulate
+
+    return simulate(cfg, num_cpus=os.cpu_count())
+
+
+def quiet_flower() -> None:
+    """Flower's INFO log off (compare prints one line per job, not per round); torch on every core."""
+    import flwr.common.logger  # noqa: F401 - sets Flower's own level on import; ours must come after
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    for handler in list(logging.getLogger("flwr").handlers):
+        handler.setLevel(logging.WARNING)
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Run one job; return its result row (see `fedrad.lab.compare_report`).
+
+    Only wall time is reported: a federation's work runs in Flower's Ray actors, outside
+    this process, so this process's CPU time would understate it.
+    """
+    from fedrad.lab.centralised import run_local, run_pooled
+
+    cfg = RunConfig.from_run_config(job.config)
+    out = {"kind": job.kind, "name": job.name, "seed": job.seed}
+    folders = discover_sites(Path(cfg.data_dir))
+    shutil.rmtree(job.out_dir, ignore_errors=True)  # a fresh run: never resume an older compare's checkpoint
+    if job.kind in ("local", "pooled"):
+        sites = [_site_data(f, cfg) for f in folders]
+        return {**out, **(run_local if job.kind == "local" else run_pooled)(sites, cfg, Path(job.out_dir) / "sites")}
+    if job.kind == "federated":
+        report = _federate(cfg)
+        return {**out, "sites": report["sites"], "wall_seconds": report["wall_seconds"],
+                "full_model_bytes": report["full_model_bytes"],
+                "shift_scores": _shift_scores(Path(job.out_dir))}
+    if job.kind == "loso":
+        from fedrad.lab.loso import run_leave_one_out
+
+        held_out = _site_data(next(f for f in folders if f.name == job.name), cfg)
+        return {**out, **run_leave_one_out(cfg, held_out, _federate, Path(job.out_dir))}
+    raise ValueError(f"unknown job kind {job.kind!r}")
+
+
+def _shift_scores(run_dir: Path) -> dict[str, float]:
+    from fedrad.server.global_model import load_global_model
+
+    return load_global_model(run_dir).registry.shift_scores()
+
+
+def execute(plan: ComparePlan, *, on_done: Callable[[Job, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run every job of the plan in order; `on_done(job, result)` after each. Returns the results in plan order."""
+    quiet_flower()
+    results = []
+    for job in plan.jobs:
+        results.append(run_job(job))
+        if on_done:
+            on_done(job, results[-1])
+    return results
+
+
+def compare(plan: ComparePlan, *, on_done: Callable[[Job, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the plan and write OUT/compare.json, compare.md, compare.png; return the compare dict."""
+    from fedrad.lab.compare_report import summarize, write_compare
+
+    start = time.perf_counter()
+    results = execute(plan, on_done=on_done)
+    summary = summarize(plan, results, wall_seconds=time.perf_counter() - start)
+    write_compare(summary, plan.out)
+    return summary
