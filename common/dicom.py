@@ -7,6 +7,12 @@ resolved here or turned into one :class:`DicomReadError` that names the file
 and says what to do. Decoding and the modality LUT are pydicom's own
 (``Dataset.pixel_array`` and ``pydicom.pixels.apply_modality_lut``).
 
+Compressed PACS exports decode through pydicom's plugins, which fedrad installs pinned:
+JPEG baseline/extended/lossless (pylibjpeg-libjpeg, Pillow), JPEG-LS (pyjpegls), JPEG 2000
+(pylibjpeg-openjpeg, Pillow) and RLE (pydicom). A file none of them can decode (pydicom's
+own corrupt samples, 12-bit JPEG Extended with invalid scan parameters) is refused naming
+the syntax and the decoders that were tried.
+
 Conventions:
     * ``values`` are float32 (rows, cols). For CT they are Hounsfield units
       (HU) after (0028,1053) Rescale Slope / (0028,1052) Rescale Intercept;
@@ -239,9 +245,11 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
     except Exception as exc:
         detail = " ".join(str(exc).split())[:300]
         if decoder.is_encapsulated:
+            tried = ", ".join(decoder.available_plugins) or "none"
             raise DicomReadError(
-                path, f"cannot decode {tsyntax.name} ({tsyntax}) pixel data: {detail}; the data "
-                f"may be corrupt or need a different decoder: {_HANDLER_HINT}"
+                path, f"cannot decode {tsyntax.name} ({tsyntax}) pixel data with the installed "
+                f"decoders ({tried}): {detail}; the data may be corrupt (re-export or copy it "
+                f"again) or need a different decoder: {_HANDLER_HINT}"
             ) from exc
         sizes = re.search(r"less than expected \((\d+) vs (\d+) bytes\)", detail)
         if sizes:
