@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 
 from fedrad.client.cache import cache_folder
 from fedrad.client.dataset import SiteData
+from fedrad.client.deploy_eval import load_audit
 from fedrad.client.features import SiteInputs, site_inputs
 from fedrad.client.local_state import LocalStateStore
 from fedrad.client.moments import feature_moments, pretrained_moments
@@ -209,8 +210,12 @@ def evaluate_(msg: Message, context: Context) -> Message:
     cfg, data, model, inputs = prepare(msg, context)
     final = int(msg.content[CONFIG]["server-round"]) >= cfg.num_server_rounds
     outputs = SiteOutputs(model, inputs, pick_device(cfg.device))
+    work = work_folder(context, cfg, data.name)
+    audit = load_audit(model, cfg, site_folder(context, cfg), reference_arrays(msg).get(REFERENCE_HISTOGRAM),
+                       site=data.name, cache_dir=cache_folder(work),
+                       device=pick_device(cfg.device)) if final and cfg.label_shift else None
     metrics = evaluate_site(model, outputs, data, cfg, prior_train=training_prior(msg), final=final,
-                            work_dir=work_folder(context, cfg, data.name))
+                            work_dir=work, audit=audit)
     projection = reference_arrays(msg).get(PROJECTION)
     if projection is None:
         return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics})

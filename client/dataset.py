@@ -77,8 +77,9 @@ def load_site(
     preprocessor: Preprocessor | Stack,
     *,
     on_progress: Callable[[int, int], None] | None = None,
+    index: str = "labels.csv",
 ) -> SiteData:
-    """Read labels.csv, then read and preprocess every listed image.
+    """Read labels.csv (or another `index` of the same grammar), then read and preprocess every listed image.
 
     Args:
         site_dir: The site folder.
@@ -95,7 +96,7 @@ def load_site(
     """
     site_dir = Path(site_dir)
     skipped: list[Skipped] = []
-    rows = read_labels(site_dir / "labels.csv", skipped)
+    rows = read_labels(site_dir / index, skipped)
     size = preprocessor.size
     buckets: dict[str, tuple[list[np.ndarray], list[int], list[str]]] = {
         "train": ([], [], []), "test": ([], [], []), "unlabelled": ([], [], []),

@@ -8,14 +8,19 @@ p_train(y|x) = softmax(z + τ log π_train).
 In the last round (`label-shift` on) the site also, all locally:
 1. calibrates: BCTS on its labelled test split (held out from training), fitted so that
    the calibrated posteriors q describe π_train, not the site's own prevalence;
-2. estimates its prior on its unlabelled images by EM on q (BBSE as a second estimate);
+2. estimates its prior on its unlabelled images by EM on q (BBSE as a second estimate,
+   cross-fitted: its confusion matrix is measured on one fold of the test split through a
+   calibration map fitted on the other, the two estimates averaged);
    a site with fewer than MIN_UNLABELLED unlabelled images uses its labelled prior;
 3. corrects: p_site(y|x) ∝ q(y|x) · π_site(y) / π_train(y), and reports ECE, Brier score
    and balanced accuracy on its test split before and after, and the ECE that perfectly
    calibrated posteriors would score at this test size (`ece-floor`: ECE is biased upward
    on a few hundred images, so a gain below the floor is not a gain). Calibration and estimate
    are cross-fitted (`fedrad.client.folds`): each test image is corrected by maps fitted on the
-   other fold, so no image is scored by a map fitted on its own label;
+   other fold, so no image is scored by a map fitted on its own label. Where the site has a
+   deployment evaluation set (`fedrad.client.deploy_eval`: labelled images of the population
+   it is deployed on, read only for this), every correction (none, labelled prior, EM, BBSE,
+   oracle prior) is also scored there;
 4. personalises a copy of its decision layer on its own labels (`fedrad.client.personalise`),
    cross-fitted the same way, and reports its AUC and how often its decisions disagree
    with the federation's reading of the site's images (a sign of concept shift): the
@@ -43,12 +48,13 @@ from sklearn.metrics import roc_auc_score
 
 from fedrad.client.calibration import BCTS, fit_bcts
 from fedrad.client.dataset import SiteData
+from fedrad.client.deploy_eval import DeployAudit, score_corrections
 from fedrad.client.folds import can_calibrate, two_folds
 from fedrad.client.outputs import SiteOutputs
 from fedrad.client.personalise import disagreement, head_probs, personalise_head
 from fedrad.common.config import RunConfig
 from fedrad.common.efficientnet_lite import EfficientNetLite0
-from fedrad.common.labelshift import bbse_prior, correct_posteriors, em_prior, prior_from_counts
+from fedrad.common.labelshift import PriorEstimate, bbse_prior, correct_posteriors, em_prior, prior_from_counts
 from fedrad.common.metrics import brier_score, classification_metrics, ece_noise_floor
 from fedrad.common.model import NUM_CLASSES
 from fedrad.common.shift_flags import FALLBACK, ShiftFlag, describe
@@ -83,13 +89,17 @@ class SiteCorrection:
     reference: np.ndarray  # (N, K) temperature-scaled posteriors under the images' EM prior (cross-fitted)
     flags: ShiftFlag = ShiftFlag.NONE
     calibrate: BCTS | None = field(default=None)  # fitted on all test images: the map the site keeps
+    priors: dict[str, np.ndarray] = field(default_factory=dict)  # "labelled", "em", "bbse": each prior found
+    bbse_reason: str = ""  # why BBSE gave no estimate, in words (kept at the site)
 
 
 def evaluate_site(model: EfficientNetLite0, outputs: SiteOutputs, data: SiteData, cfg: RunConfig, *,
-                  prior_train: np.ndarray | None, final: bool, work_dir: Path) -> dict[str, float]:
+                  prior_train: np.ndarray | None, final: bool, work_dir: Path,
+                  audit: DeployAudit | None = None) -> dict[str, float]:
     """Test metrics of the global model under π_train; in the last round also the label-shift analysis.
 
-    `outputs` are the model's outputs on this site's inputs (`fedrad.client.outputs`).
+    `outputs` are the model's outputs on this site's inputs (`fedrad.client.outputs`);
+    `audit` the deployment evaluation set (last round only; its labels serve the scoring alone).
     """
     ref, flags = reference_prior(prior_train, data.y_train)
     z_test, f_test = outputs("test")
@@ -102,6 +112,10 @@ def evaluate_site(model: EfficientNetLite0, outputs: SiteOutputs, data: SiteData
     fix = correct_site(g_test, data.y_test, folds, train_log_posteriors(z_unl, ref, cfg.logit_adjust), ref,
                        _counts_prior(data.y_train), flags)
     out, flags = fix.metrics, fix.flags
+    out["prior-labelled"] = float(_counts_prior(data.y_train)[1])
+    if audit is not None:
+        out.update(score_corrections(audit, train_log_posteriors(audit.logits, ref, cfg.logit_adjust), ref,
+                                     fix.calibrate, fix.priors))
     if cfg.personalise_steps:
         _, f_lab = outputs("train")
         bias = model._fc.bias.detach().double().cpu().numpy() + cfg.logit_adjust * np.log(ref)
@@ -119,6 +133,8 @@ def evaluate_site(model: EfficientNetLite0, outputs: SiteOutputs, data: SiteData
         log.warning("%s", warning)
     finite = {k: (float(v) if np.isfinite(v) else None) for k, v in out.items()}
     record = {"site": data.name, "prior_train": ref.tolist(), **finite, "warnings": warnings}
+    if fix.bbse_reason:
+        record["bbse_reason"] = fix.bbse_reason
     if fix.calibrate is not None:
         record.update(bcts_temperature=fix.calibrate.temperature, bcts_bias=fix.calibrate.bias.tolist())
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +162,8 @@ def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_un
     elif not all(can_calibrate(y_test[folds == f]) for f in (0, 1)):
         flags |= ShiftFlag.FEW_CALIBRATION
     calibrate = None
+    priors: dict[str, np.ndarray] = {"labelled": labelled_prior}
+    bbse_reason = ""
     if not flags & (ShiftFlag.CLASS_ABSENT | ShiftFlag.FEW_CALIBRATION):
         calibrate = _calibrate(g_test, y_test, ref)
         out.update({"bcts-temperature": calibrate.temperature, "bcts-bias": float(calibrate.bias[1])})
@@ -154,14 +172,16 @@ def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_un
             em = em_prior(calibrate(g_unl), ref)
             if em.ok:
                 out["prior-em"] = float(em.prior[1])
-                prior_site = em.prior
+                prior_site = priors["em"] = em.prior
             else:
                 flags |= ShiftFlag.EM_FAILED
-            bbse = bbse_prior(calibrate(g_test), y_test, calibrate(g_unl))
+            bbse = bbse_cross_fitted(g_test, y_test, folds, g_unl, ref)
             if bbse.ok:
                 out["prior-bbse"] = float(bbse.prior[1])
+                priors["bbse"] = bbse.prior
             else:
                 flags |= ShiftFlag.BBSE_FAILED
+                bbse_reason = bbse.reason  # in the site's label-shift.json; the flag's sentence in the report
         out["prior-site"] = float(prior_site[1])
     corrected, reference = p_test.copy(), p_test.copy()
     for f in (0, 1):
@@ -188,7 +208,29 @@ def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_un
         out.update({f"ece-{name}": m["ece"], f"brier-{name}": brier_score(y_test, probs[:, 1]),
                     f"balanced-accuracy-{name}": m["balanced-accuracy"]})
     out["ece-floor"] = ece_noise_floor(corrected[:, 1])  # what ECE perfect calibration scores at this test size
-    return SiteCorrection(out, corrected, reference, flags, calibrate)
+    return SiteCorrection(out, corrected, reference, flags, calibrate, priors, bbse_reason)
+
+
+def bbse_cross_fitted(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_unl: np.ndarray,
+                      ref: np.ndarray) -> PriorEstimate:
+    """BBSE whose confusion matrix never sees predictions from a map fitted on the same labels.
+
+    For each fold: BCTS fitted on the other fold; the confusion matrix from this fold's
+    predictions through that map; the unlabelled images' prediction rates through the same
+    map. The two estimates are averaged. Fitting the map and the confusion matrix on the
+    same images made the matrix optimistic. Either fold refused (`bbse_prior`'s
+    |TPR − FPR| guard, a class absent) → no estimate, with that fold's reason.
+    """
+    estimates = []
+    for f in (0, 1):
+        fit, score = folds != f, folds == f
+        cal = _calibrate(g_test[fit], y_test[fit], ref)
+        est = bbse_prior(cal(g_test[score]), y_test[score], cal(g_unl))
+        if not est.ok:
+            return PriorEstimate(None, 0, f"fold {f}: {est.reason}")
+        estimates.append(est.prior)
+    prior = np.mean(estimates, axis=0)
+    return PriorEstimate(prior / prior.sum())
 
 
 def _federation_view(temperature: BCTS, g_score: np.ndarray, g_images: np.ndarray, ref: np.ndarray) -> np.ndarray:

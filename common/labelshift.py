@@ -152,15 +152,37 @@ def confusion_given_label(pred: np.ndarray, y: np.ndarray, k: int) -> np.ndarray
     return np.divide(m, counts, out=np.zeros_like(m), where=counts > 0)
 
 
+MIN_SEPARATION = 0.1  # BBSE's guard: |TPR - FPR| (2 classes) below this and M is too close to singular
+
+
+def confusion_separation(m: np.ndarray) -> float:
+    """How far a confusion matrix M = P(ŷ | y) is from singular, on the scale BBSE's error scales with.
+
+    Two classes: |det M| = |TPR − FPR| (how much more often a malignant image is called
+    malignant than a benign one); BBSE divides by it, so an error δ in the prediction rates
+    becomes δ / |TPR − FPR| in the prior. More classes: the smallest singular value of M.
+    Why not the condition number: for 2 × 2 it stays near 25 at TPR − FPR = 0.04, far
+    below any usable threshold, although the inverse amplifies errors 25-fold.
+    """
+    m = np.asarray(m, dtype=np.float64)
+    if m.shape == (2, 2):
+        return float(abs(m[1, 1] - m[1, 0]))
+    return float(np.linalg.svd(m, compute_uv=False).min())
+
+
 def bbse_prior(probs_labelled: np.ndarray, y_labelled: np.ndarray, probs_target: np.ndarray, *,
-               max_condition: float = 1e6) -> PriorEstimate:
+               min_separation: float = MIN_SEPARATION) -> PriorEstimate:
     """Black-box shift estimation (Lipton et al. 2018) with hard predictions ŷ = argmax p.
 
     Under label shift P(ŷ | y) is the same at the target as on the labelled data, so the
     target's prediction rates μ = P_target(ŷ) satisfy μ = M π_target with
     M = P(ŷ | y) from `confusion_given_label`. Solves for π, clips negatives to 0 and
-    renormalises. A class absent from the labelled data or a near-singular M (a predictor
-    that cannot tell the classes apart) → no estimate.
+    renormalises. A class absent from the labelled data, or predictions that barely
+    separate the classes (`confusion_separation` below `min_separation`: |TPR − FPR| < 0.1
+    for two classes) → no estimate, with the reason in words.
+
+    `probs_labelled` must not come from a map fitted on the same labels (the confusion
+    matrix would be optimistic): the caller cross-fits (`fedrad.client.site_shift`).
     """
     probs_labelled = _check_probs(probs_labelled)
     probs_target = _check_probs(probs_target)
@@ -169,14 +191,20 @@ def bbse_prior(probs_labelled: np.ndarray, y_labelled: np.ndarray, probs_target:
     if probs_target.shape[1] != k or y.shape != (len(probs_labelled),) or np.any((y < 0) | (y >= k)):
         raise ValueError(f"BBSE needs labels in [0, {k}) for every labelled row and {k}-class target "
                          f"probabilities; got labels {y.shape}, target {probs_target.shape}.")
+    if min_separation <= 0:
+        raise ValueError(f"min_separation must be > 0; got {min_separation}.")
     if len(probs_target) == 0:
         return PriorEstimate(None, 0, "no unlabelled images to estimate the prior on")
     absent = [c for c in range(k) if not np.any(y == c)]
     if absent:
         return PriorEstimate(None, 0, f"class(es) {absent} absent from the labelled calibration images")
     m = confusion_given_label(probs_labelled.argmax(axis=1), y, k)
-    if np.linalg.cond(m) > max_condition:
-        return PriorEstimate(None, 0, "the confusion matrix is singular: predictions do not separate the classes")
+    separation = confusion_separation(m)
+    if separation < min_separation:
+        what = "|TPR − FPR|" if k == 2 else "the confusion matrix's smallest singular value"
+        return PriorEstimate(None, 0, f"refused: the predictions barely separate the classes ({what} = "
+                                      f"{separation:.3f} < {min_separation:g}), so inverting the confusion "
+                                      "matrix would amplify noise into the prior")
     mu = np.bincount(probs_target.argmax(axis=1), minlength=k) / len(probs_target)
     prior = np.clip(np.linalg.solve(m, mu), 0.0, None)
     if prior.sum() <= 0:

@@ -51,7 +51,9 @@ LABEL_SHIFT_METRICS = (  # last round only (fedrad.common.shift_flags, fedrad.cl
     "n-unlabelled", "prior-em", "prior-bbse", "prior-site", "bcts-temperature", "bcts-bias",
     "ece-uncorrected", "ece-corrected", "ece-floor", "brier-uncorrected", "brier-corrected",
     "balanced-accuracy-uncorrected", "balanced-accuracy-corrected",
-    "auc-personalised", "disagreement", "concept-shift", "label-shift-flags")
+    "auc-personalised", "disagreement", "concept-shift", "label-shift-flags", "prior-labelled", "n-deploy-eval",
+    *(f"{what}-deploy-{method}" for method in ("none", "labelled", "em", "bbse", "oracle")
+      for what in ("prior", "ece", "brier", "balanced-accuracy")))  # on the deployment evaluation set
 TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds", BN_SAMPLES, *CLASS_COUNTS)
 EVAL_METRICS = (NUM_EXAMPLES, "auc", "balanced-accuracy", "ece", "test-loss", *LABEL_SHIFT_METRICS)
 N_FEATURES = "n-features"  # images the feature moments were taken over

@@ -21,7 +21,7 @@ class ShiftFlag(IntFlag):
     FEW_CALIBRATION = 4  # too few held-out labelled images to calibrate (BCTS)
     FEW_UNLABELLED = 8  # too few unlabelled images for EM: the site's labelled prior stands in
     EM_FAILED = 16  # EM did not converge
-    BBSE_FAILED = 32  # BBSE had a singular confusion matrix (only the second estimate is missing)
+    BBSE_FAILED = 32  # BBSE refused: |TPR - FPR| < 0.1 or a class absent (only the second estimate is missing)
     NOT_PERSONALISED = 64  # the decision layer could not be personalised (one class only)
 
 
@@ -36,7 +36,9 @@ MESSAGES = {
                                "class)",
     ShiftFlag.FEW_UNLABELLED: "too few unlabelled images for EM; its prior comes from its labelled counts",
     ShiftFlag.EM_FAILED: "EM did not converge",
-    ShiftFlag.BBSE_FAILED: "BBSE could not invert its confusion matrix (no second estimate)",
+    ShiftFlag.BBSE_FAILED: "BBSE refused: on a fold of its labelled test images the predictions barely separate "
+                           "the classes (|TPR − FPR| < 0.1) or a class is absent, so its confusion matrix is "
+                           "not inverted (no second estimate)",
     ShiftFlag.NOT_PERSONALISED: "its decision layer was not personalised (its labels hold one class only)",
 }
 

@@ -42,7 +42,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    make_synthetic(args.out, seed=args.seed)
+    make_synthetic(args.out, seed=args.seed, legacy=args.legacy)
     return 0
 
 
@@ -155,10 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write the built-in synthetic multi-center CT data set (DICOM + labels.csv)",
                        description="Write 5 synthetic hospital sites (different scanners, noise, kernels, HU "
                                    "offsets, prevalence and one labelling rule) as real DICOM files plus "
-                                   "labels.csv per site, and truth.json (the simulation's true priors).",
+                                   "labels.csv per site, and truth.json (the simulation's true priors). At "
+                                   "site-a and site-b the unlabelled (deployment) images have another prevalence "
+                                   "than the labelled ones, and a labelled deployment evaluation set is written "
+                                   "to deploy-audit.csv, which a site reads only to score its corrections.",
                        epilog="example: fedrad synth --out data/synthetic --seed 1")
     p.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per site)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
+    p.add_argument("--legacy", action="store_true",
+                   help="the data before deployment shift (no deploy-audit.csv; unlabelled rows drawn from each "
+                        "site's labelled population): reproduces figures measured on it byte for byte")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("simulate", help="run the federation in Flower's Simulation Engine and write a report",

@@ -13,6 +13,12 @@ into sentences (`fedrad.common.shift_flags`). In simulation the lab hands over t
 generator's truth (the coordinator never reads generator files), and the true prior is
 P(malignant) among the site's unlabelled images (what its EM estimate is measured
 against), or among all its images when it has none.
+
+Where a site has a deployment evaluation set (labelled images of the population it is
+deployed on, `fedrad.client.deploy_eval`), the report adds its scores for each correction
+side by side: none, the labelled prior, EM, BBSE and the oracle prior, each with the prior
+it used (`prior_deploy_<method>`, `ece_deploy_<method>`, `brier_deploy_<method>`,
+`balanced_accuracy_deploy_<method>`), beside `prior_labelled` and `prior_deploy_true`.
 """
 
 from __future__ import annotations
@@ -37,7 +43,11 @@ REPORT_KEYS = {
     "balanced_accuracy_uncorrected": "balanced-accuracy-uncorrected",
     "balanced_accuracy_corrected": "balanced-accuracy-corrected",
     "auc_personalised": "auc-personalised", "disagreement": "disagreement",
+    "prior_labelled": "prior-labelled", "n_deploy_eval": "n-deploy-eval",
 }
+DEPLOY_METHODS = ("none", "labelled", "em", "bbse", "oracle")  # rows of the deployment evaluation
+DEPLOY_KEYS = {f"{what.replace('-', '_')}_deploy_{m}": f"{what}-deploy-{m}"
+               for m in DEPLOY_METHODS for what in ("prior", "ece", "brier", "balanced-accuracy")}
 
 
 def training_prior(train_metrics: Iterable[Mapping[str, float]]) -> np.ndarray | None:
@@ -73,7 +83,9 @@ def site_fields(name: str, last_eval: Mapping[str, float], truth: Mapping[str, A
     truth = truth or {}
     unlabelled = truth.get("prior_unlabelled_true")
     fields: dict[str, Any] = {"prior_true": _finite(truth.get("prior_true") if unlabelled is None else unlabelled)}
-    fields.update({key: _finite(last_eval.get(metric)) for key, metric in REPORT_KEYS.items()})
+    # the deployment population's true P(malignant) (simulation truth; null for real data or a site without one)
+    fields["prior_deploy_true"] = _finite(truth.get("prior_deploy_true"))
+    fields.update({key: _finite(last_eval.get(metric)) for key, metric in {**REPORT_KEYS, **DEPLOY_KEYS}.items()})
     fields["disagreement_ci95"] = disagreement_interval(fields["disagreement"], _finite(last_eval.get("num-examples")))
     concept = last_eval.get("concept-shift")
     fields["concept_shift"] = None if concept is None else bool(concept)
@@ -83,6 +95,30 @@ def site_fields(name: str, last_eval: Mapping[str, float], truth: Mapping[str, A
 
 def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.3f}"
+
+
+DEPLOY_LABELS = {"none": "none (global model, π_train)", "labelled": "labelled prior", "em": "EM", "bbse": "BBSE",
+                 "oracle": "oracle prior"}
+
+
+def deploy_section(sites: list[Mapping[str, Any]]) -> list[str]:
+    """One row per site and correction on the deployment evaluation set (empty when no site has one)."""
+    scored = [s for s in sites if s.get("n_deploy_eval")]
+    if not scored:
+        return []
+    lines = ["", "### On the deployment evaluation set", "",
+             "Labelled images of the population each site is deployed on, read by the site only to score (never "
+             "to train, calibrate or estimate). Every correction except none is BCTS-calibrated on the site's "
+             "test split and re-weighted to the prior in its row; the oracle uses the evaluation set's own prior.",
+             "", "| site | n eval | prior labelled | prior deploy (true) | correction | prior used | ECE | Brier | "
+                 "bal. acc. |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for s in scored:
+        for m in DEPLOY_METHODS:
+            lines.append(f"| {s['name']} | {s['n_deploy_eval']:.0f} | {_fmt(s.get('prior_labelled'))} | "
+                         f"{_fmt(s.get('prior_deploy_true'))} | {DEPLOY_LABELS[m]} | "
+                         f"{_fmt(s.get(f'prior_deploy_{m}'))} | {_fmt(s.get(f'ece_deploy_{m}'))} | "
+                         f"{_fmt(s.get(f'brier_deploy_{m}'))} | {_fmt(s.get(f'balanced_accuracy_deploy_{m}'))} |")
+    return lines
 
 
 def _interval(bounds: list[float] | None) -> str:
@@ -117,6 +153,7 @@ def markdown_section(report: Mapping[str, Any]) -> list[str]:
                      f"{_fmt(s.get('balanced_accuracy_uncorrected'))} → {_fmt(s.get('balanced_accuracy_corrected'))} | "
                      f"{_fmt(s.get('auc'))} | {_fmt(s.get('auc_personalised'))} | "
                      f"{_fmt(s.get('disagreement'))}{_interval(s.get('disagreement_ci95'))}{flag} |")
+    lines += deploy_section(sites)
     flagged = [s["name"] for s in sites if s.get("concept_shift")]
     if flagged:
         lines += ["", f"⚑ Concept shift suspected at {', '.join(flagged)}: the site's personalised decision layer "

@@ -13,11 +13,20 @@ Why it looks the way it does:
     * Sites differ like real scanners: pixel spacing (geometry is built in mm and
       rasterised per site), reconstruction kernel, noise, HU calibration offset, stored
       value encoding (rescale slope), prevalence (label shift) and size.
+    * At the two label-shift sites the *deployment* population (the unlabelled images a
+      site will be asked to read) has another prevalence than the labelled one (screening
+      0.30 -> 0.60, referral 0.90 -> 0.55): that is the case EM and BBSE exist for. Drawing
+      the unlabelled rows from the site's own labelled population (the data before this
+      change, still written by ``legacy=True``) makes the labelled prior as good as any
+      estimate. A labelled *deployment evaluation set* from the same population is written
+      to ``deploy-audit.csv``, outside labels.csv: the site reads it only to score its
+      corrections (`fedrad.client.deploy_eval`), never to train or calibrate.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -32,6 +41,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
+from fedrad.client.deploy_eval import AUDIT_FILE
 from fedrad.lab.synth_lesion import LesionShape, lesion_alpha, lesion_hu, lung_background, sample_lesion
 
 DEFAULT_DATA = Path("data/synthetic")  # where the command line writes and finds the built-in data
@@ -61,6 +71,13 @@ class SiteSpec:
         test_fraction: Fraction of each class put in the test split, in (0, 1).
         rescale_slope: DICOM RescaleSlope (> 0): ``HU = stored * slope + intercept``.
         rescale_intercept: DICOM RescaleIntercept (HU).
+        n_deploy: Extra patients of the *deployment* population whose images are unlabelled
+            rows of labels.csv (split ``train``, label empty). 0 = none (then
+            ``unlabelled_fraction`` may hide labels of the labelled population instead).
+        n_deploy_eval: Extra deployment patients whose labels go only to ``deploy-audit.csv``
+            (the deployment evaluation set; not in labels.csv).
+        deploy_prevalence: Fraction malignant of the deployment population (exact count per
+            group, before ``label_threshold`` flips); None = ``prevalence`` (no prior shift).
     """
 
     name: str
@@ -76,6 +93,14 @@ class SiteSpec:
     test_fraction: float = 0.3
     rescale_slope: float = 1.0
     rescale_intercept: float = -1024.0
+    n_deploy: int = 0
+    n_deploy_eval: int = 0
+    deploy_prevalence: float | None = None
+
+    @property
+    def has_deployment(self) -> bool:
+        """Whether this site has a deployment population of its own (the data before it had none)."""
+        return bool(self.n_deploy or self.n_deploy_eval)
 
     def __post_init__(self) -> None:
         def finite(v: object) -> bool:
@@ -83,6 +108,10 @@ class SiteSpec:
 
         name_ok = isinstance(self.name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name)
         n_ok = isinstance(self.n_patients, int) and not isinstance(self.n_patients, bool)
+
+        def count(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
         checks = [  # (field, holds, what must hold)
             ("name", bool(name_ok), "a plain folder name (letters, digits, '.', '_', '-')"),
             ("n_patients", n_ok and self.n_patients >= 1, "an integer >= 1"),
@@ -98,6 +127,13 @@ class SiteSpec:
             ("test_fraction", finite(self.test_fraction) and 0 < self.test_fraction < 1, "in (0, 1)"),
             ("rescale_slope", finite(self.rescale_slope) and self.rescale_slope > 0, "> 0"),
             ("rescale_intercept", finite(self.rescale_intercept), "a finite number of HU"),
+            ("n_deploy", count(self.n_deploy), "an integer >= 0"),
+            ("n_deploy_eval", count(self.n_deploy_eval), "an integer >= 0"),
+            ("deploy_prevalence", self.deploy_prevalence is None or (finite(self.deploy_prevalence)
+                                                                      and 0 <= self.deploy_prevalence <= 1),
+             "None or in [0, 1]"),
+            ("unlabelled_fraction", not (self.unlabelled_fraction and self.n_deploy),
+             "0 when n_deploy > 0 (the unlabelled rows are the deployment images)"),
         ]
         for field, holds, what in checks:
             if not holds:
@@ -106,7 +142,31 @@ class SiteSpec:
 
 
 def default_sites() -> list[SiteSpec]:
-    """The demo federation: 5 sites, 3795 patients, differing in scanner, prevalence and labelling.
+    """The demo federation: `legacy_sites` with a deployment population at the two label-shift sites.
+
+    site-a (screening) labels 675 patients at prevalence 0.30 (325 train, 350 test) and is
+    deployed on a population at 0.60: 325 unlabelled images (EM's pool) and a 300-image
+    deployment evaluation set. site-b (referral) labels 1034 at 0.90 (325 train, 709 test)
+    and is deployed at 0.55: 700 unlabelled, 300 for evaluation. The shift (0.30 and 0.35)
+    is larger than the 0.25 at which correcting to the labelled prior stops being a fair
+    stand-in for an estimate. A pool of 300+ images keeps EM's error near 0.03 with a
+    0.9-AUC model; 300 evaluation images put an ECE floor near 0.03. site-c, -d and -e are
+    unchanged (no deployment images). 4,420 patients in all.
+    """
+    a, b, *rest = legacy_sites()
+    a = dataclasses.replace(a, n_patients=675, test_fraction=0.52, unlabelled_fraction=0.0, n_deploy=325,
+                            n_deploy_eval=300, deploy_prevalence=0.60)
+    b = dataclasses.replace(b, n_patients=1034, test_fraction=0.686, unlabelled_fraction=0.0, n_deploy=700,
+                            n_deploy_eval=300, deploy_prevalence=0.55)
+    return [a, b, *rest]
+
+
+def legacy_sites() -> list[SiteSpec]:
+    """The demo federation before deployment shift (`fedrad synth --legacy`): 5 sites, 3795 patients.
+
+    Its unlabelled rows are drawn from each site's own labelled population, so the
+    labelled, test and unlabelled priors agree in expectation; kept so that figures
+    measured on it can be reproduced byte for byte.
 
     site-a (a screening centre, prevalence 0.30) and site-b (an oncology referral centre,
     prevalence 0.90: strong label shift) each train on 325 labelled images. site-a (1000
@@ -257,6 +317,34 @@ def _assign_labels(
     return label, score, is_test, unlabelled
 
 
+def _assign_deployment(site: SiteSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, latent scores and evaluation mask of the site's deployment patients (pool first, then eval).
+
+    Each group holds exactly ``round(deploy_prevalence * size)`` latent malignant cases, so the
+    pool EM reads and the set its corrections are scored on share one prior; the site's
+    ``label_threshold`` applies as in its labelled population.
+    """
+    prevalence = site.prevalence if site.deploy_prevalence is None else site.deploy_prevalence
+    latent = []
+    for size in (site.n_deploy, site.n_deploy_eval):
+        group = np.zeros(size, dtype=int)
+        group[rng.permutation(size)[: int(prevalence * size + 0.5)]] = 1
+        latent.append(group)
+    latent_all = np.concatenate(latent)
+    score = rng.normal(np.where(latent_all == 1, 1.0, -1.0), 0.8)
+    t = site.label_threshold
+    band = (score > min(0.0, t)) & (score <= max(0.0, t))
+    label = np.where(band, (score > t).astype(int), latent_all)
+    return label, score, np.arange(label.size) >= site.n_deploy
+
+
+def _write_index(path: Path, rows: list[list[str]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["image", "label", "split", "roi_x", "roi_y"])
+        writer.writerows(rows)
+
+
 def generate(
     out_dir: Path,
     *,
@@ -269,8 +357,11 @@ def generate(
 
     Layout: ``out_dir/<site.name>/images/<patient>.dcm``, ``out_dir/<site.name>/labels.csv``
     (columns ``image,label,split,roi_x,roi_y``; ROI = lesion centre in px, column/row) and
-    ``out_dir/truth.json``. Existing files of the same name are overwritten; other files
-    are left alone (labels.csv is the index).
+    ``out_dir/truth.json``; a site with a deployment evaluation set also gets
+    ``deploy-audit.csv`` (same columns, split ``test``; its images are not in labels.csv).
+    Existing files of the same name are overwritten, a stale ``deploy-audit.csv`` is
+    removed; other files are left alone (labels.csv is the index). Sites without a
+    deployment population are written exactly as before it existed.
 
     Args:
         out_dir: Root folder, created if missing.
@@ -299,44 +390,67 @@ def generate(
     for index, site in enumerate(sites):
         folder = out_dir / site.name
         (folder / "images").mkdir(parents=True, exist_ok=True)
-        streams = np.random.SeedSequence([seed, index]).spawn(site.n_patients + 1)
+        n_deploy = site.n_deploy + site.n_deploy_eval
+        # Children of a SeedSequence depend on their index only: the first n_patients + 1 are the same
+        # whatever follows, so a site without deployment patients is drawn exactly as before they existed.
+        streams = np.random.SeedSequence([seed, index]).spawn(site.n_patients + 1 + n_deploy + bool(n_deploy))
         label, score, is_test, unlabelled = _assign_labels(site, np.random.default_rng(streams[0]))
-        rows = []
-        for i in range(site.n_patients):
+        d_label, d_score, d_eval = (_assign_deployment(site, np.random.default_rng(streams[-1])) if n_deploy
+                                    else (np.zeros(0, int), np.zeros(0), np.zeros(0, bool)))
+        rows, audit = [], []
+        for i in range(site.n_patients + n_deploy):
             rng = np.random.default_rng(streams[i + 1])
             patient_id = f"{site.name}-{i + 1:04d}"
             z_mm = float(rng.uniform(-250.0, -50.0))
-            hu, _, shape = render_slice(rng, float(score[i]), site.spacing_mm, image_size)
+            j = i - site.n_patients  # index among the deployment patients (< 0: labelled population)
+            hu, _, shape = render_slice(rng, float(score[i] if j < 0 else d_score[j]), site.spacing_mm, image_size)
             _write_dicom(folder / "images" / f"{patient_id}.dcm", apply_scanner(hu, site, rng),
                          site, patient_id, seed, z_mm)
             cx, cy = (c / site.spacing_mm - 0.5 for c in shape.center_mm)
-            rows.append([f"images/{patient_id}.dcm", "" if unlabelled[i] else str(int(label[i])),
-                         "test" if is_test[i] else "train", f"{cx:.1f}", f"{cy:.1f}"])
-        with open(folder / "labels.csv", "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(["image", "label", "split", "roi_x", "roi_y"])
-            writer.writerows(rows)
-        truth.append({**asdict(site), "n_train": int((~is_test).sum()), "n_test": int(is_test.sum()),
-                      "n_unlabelled": int(unlabelled.sum()), "prior_true": float(label.mean()),
-                      # P(malignant) among the unlabelled rows: what a site's EM/BBSE estimates are measured against
-                      "prior_unlabelled_true": float(label[unlabelled].mean()) if unlabelled.any() else None})
+            where = f"images/{patient_id}.dcm"
+            if j < 0:
+                rows.append([where, "" if unlabelled[i] else str(int(label[i])),
+                             "test" if is_test[i] else "train", f"{cx:.1f}", f"{cy:.1f}"])
+            elif d_eval[j]:
+                audit.append([where, str(int(d_label[j])), "test", f"{cx:.1f}", f"{cy:.1f}"])
+            else:
+                rows.append([where, "", "train", f"{cx:.1f}", f"{cy:.1f}"])
+        _write_index(folder / "labels.csv", rows)
+        if audit:
+            _write_index(folder / AUDIT_FILE, audit)
+        else:
+            (folder / AUDIT_FILE).unlink(missing_ok=True)
+        spec = asdict(site)
+        if not site.has_deployment:  # truth.json as it was before deployment shift existed
+            for key in ("n_deploy", "n_deploy_eval", "deploy_prevalence"):
+                spec.pop(key)
+        pool = d_label[~d_eval]
+        hidden = np.concatenate([label[unlabelled], pool])
+        entry = {**spec, "n_train": int((~is_test).sum()) + int(pool.size), "n_test": int(is_test.sum()),
+                 "n_unlabelled": int(hidden.size), "prior_true": float(label.mean()),
+                 # P(malignant) among the unlabelled rows: what a site's EM/BBSE estimates are measured against
+                 "prior_unlabelled_true": float(hidden.mean()) if hidden.size else None}
+        if site.has_deployment:
+            entry.update(prior_labelled_true=float(label.mean()), prior_deploy_true=float(d_label.mean()),
+                         prior_deploy_eval_true=float(d_label[d_eval].mean()) if d_eval.any() else None)
+        truth.append(entry)
         folders.append(folder)
         if on_site_done is not None:
-            on_site_done(site.name, site.n_patients)
+            on_site_done(site.name, site.n_patients + n_deploy)
     truth_text = json.dumps({"seed": seed, "sites": truth}, indent=2) + "\n"
     (out_dir / TRUTH_FILE).write_text(truth_text, encoding="utf-8")
     return folders
 
 
-def make_synthetic(out: Path, *, seed: int = 0) -> list[Path]:
-    """Generate the default synthetic sites into `out`, with a progress bar."""
+def make_synthetic(out: Path, *, seed: int = 0, legacy: bool = False) -> list[Path]:
+    """Generate the default synthetic sites into `out` (`legacy`: the data before deployment shift), with a progress bar."""
     from rich.progress import Progress
 
-    specs = default_sites()
+    specs = legacy_sites() if legacy else default_sites()
     with Progress(transient=True) as progress:
         task = progress.add_task(f"writing synthetic DICOM to {out}", total=len(specs))
         folders = generate(out, sites=specs, seed=seed, on_site_done=lambda name, n: progress.advance(task))
-    total = sum(s.n_patients for s in specs)
+    total = sum(s.n_patients + s.n_deploy + s.n_deploy_eval for s in specs)
     logging.getLogger("fedrad").info("wrote %d sites, %d patients, to %s", len(folders), total, out)
     return folders
 

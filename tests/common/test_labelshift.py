@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from fedrad.common.labelshift import bbse_prior, confusion_given_label, correct_posteriors, em_prior, prior_from_counts
+from fedrad.common.labelshift import (
+    bbse_prior,
+    confusion_given_label,
+    confusion_separation,
+    correct_posteriors,
+    em_prior,
+    prior_from_counts,
+)
 
 
 def gaussian_mixture(n: int, prior_pos: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +102,27 @@ def test_bbse_degenerate_inputs_return_no_estimate():
     assert not absent.ok and "absent" in absent.reason
     constant = np.array([[0.9, 0.1]] * 4)  # predicts class 0 for everything: P(ŷ|y) has a zero row
     singular = bbse_prior(constant, np.array([0, 1, 0, 1]), probs)
-    assert not singular.ok and "singular" in singular.reason
+    assert not singular.ok and "|TPR − FPR| = 0.000 < 0.1" in singular.reason
+
+
+def _rates(tpr: float, fpr: float, n: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled posteriors whose hard predictions have exactly this TPR and FPR on n images per class."""
+    pred = np.r_[np.arange(n) < round(fpr * n), np.arange(n) < round(tpr * n)].astype(int)
+    return np.stack([1.0 - (0.2 + 0.6 * pred), 0.2 + 0.6 * pred], axis=1), np.r_[np.zeros(n), np.ones(n)]
+
+
+def test_bbse_guard_judges_tpr_minus_fpr_not_the_condition_number():
+    target = np.array([[0.3, 0.7]] * 30 + [[0.8, 0.2]] * 70)
+    weak, y = _rates(0.54, 0.50)  # TPR − FPR = 0.04: cond(M) is only ~25, yet the inverse is useless
+    assert np.linalg.cond(confusion_given_label(weak.argmax(1), y.astype(int), 2)) < 100
+    refused = bbse_prior(weak, y, target)
+    assert not refused.ok and "refused" in refused.reason and "0.040 < 0.1" in refused.reason
+    usable, y = _rates(0.60, 0.45)  # 0.15: above the guard, an estimate
+    assert bbse_prior(usable, y, target).ok
+    assert not bbse_prior(usable, y, target, min_separation=0.2).ok
+    assert confusion_separation(np.array([[0.7, 0.2], [0.3, 0.8]])) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="min_separation"):
+        bbse_prior(usable, y, target, min_separation=0)
 
 
 def test_confusion_given_label_columns_are_conditional_rates():

@@ -13,7 +13,17 @@ import pytest
 from pydicom.pixels import apply_modality_lut
 from skimage import measure
 
-from fedrad.lab.synth import SiteSpec, _assign_labels, _write_dicom, default_sites, generate, render_slice
+from fedrad.client.deploy_eval import AUDIT_FILE
+from fedrad.lab.synth import (
+    SiteSpec,
+    _assign_deployment,
+    _assign_labels,
+    _write_dicom,
+    default_sites,
+    generate,
+    legacy_sites,
+    render_slice,
+)
 from fedrad.lab.synth_lesion import lesion_alpha, sample_lesion
 
 TINY = [
@@ -23,8 +33,8 @@ TINY = [
 HEADER = ["image", "label", "split", "roi_x", "roi_y"]
 
 
-def _rows(folder: Path) -> list[dict[str, str]]:
-    with open(folder / "labels.csv", newline="", encoding="utf-8") as fh:
+def _rows(folder: Path, index: str = "labels.csv") -> list[dict[str, str]]:
+    with open(folder / index, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -112,7 +122,9 @@ def test_truth_json(tiny: tuple[Path, list[Path], list[tuple[str, int]]]) -> Non
     assert truth["seed"] == 3 and [s["name"] for s in truth["sites"]] == ["s1", "s2"]
     for spec, entry in zip(TINY, truth["sites"]):
         rows = _rows(root / spec.name)
-        assert {k: entry[k] for k in dataclasses.asdict(spec)} == dataclasses.asdict(spec)
+        spec_fields = {k: v for k, v in dataclasses.asdict(spec).items() if not k.startswith(("n_deploy", "deploy_"))}
+        assert {k: entry[k] for k in spec_fields} == spec_fields
+        assert not any(k.startswith(("n_deploy", "deploy_", "prior_deploy")) for k in entry)  # as before shift existed
         assert entry["n_test"] == sum(r["split"] == "test" for r in rows)
         assert entry["n_train"] + entry["n_test"] == spec.n_patients
         assert entry["n_unlabelled"] == sum(r["label"] == "" for r in rows)
@@ -153,12 +165,61 @@ def test_default_sites_differ_and_have_five_test_cases_per_class() -> None:
 
 
 def test_default_label_shift_sites_have_hundreds_of_unlabelled_and_test_images() -> None:
-    for s in default_sites():
+    for s in legacy_sites():
         _, _, is_test, unlabelled = _assign_labels(s, np.random.default_rng(0))
         if s.unlabelled_fraction:
             assert unlabelled.sum() >= 300 and is_test.sum() >= 300, s.name
         if s.prevalence >= 0.85:  # the strongly shifted site: ECE gains there must stand above estimation noise
             assert unlabelled.sum() >= 900 and is_test.sum() >= 600, s.name
+
+
+def test_default_data_shifts_the_prior_at_deployment_at_two_sites() -> None:
+    shifted = [s for s in default_sites() if s.deploy_prevalence is not None
+               and abs(s.deploy_prevalence - s.prevalence) >= 0.25]
+    assert len(shifted) >= 2
+    for s in shifted:
+        label, _, is_eval = _assign_deployment(s, np.random.default_rng(0))
+        pool, evaluation = label[~is_eval], label[is_eval]
+        assert pool.size == s.n_deploy >= 300 and evaluation.size == s.n_deploy_eval >= 300, s.name
+        assert abs(pool.mean() - s.deploy_prevalence) < 0.01 and abs(evaluation.mean() - s.deploy_prevalence) < 0.01
+        lab, _, is_test, unlabelled = _assign_labels(s, np.random.default_rng(0))
+        assert not unlabelled.any() and abs(lab.mean() - s.prevalence) < 0.01  # labels only of the labelled population
+        assert (~is_test).sum() >= 300 and is_test.sum() >= 300, s.name
+    # everything else is the legacy federation unchanged
+    strip = ("n_patients", "test_fraction", "unlabelled_fraction", "n_deploy", "n_deploy_eval", "deploy_prevalence")
+    same = [{k: v for k, v in dataclasses.asdict(s).items() if k not in strip} for s in default_sites()]
+    assert same == [{k: v for k, v in dataclasses.asdict(s).items() if k not in strip} for s in legacy_sites()]
+
+
+def test_deployment_population_is_written_apart_from_the_labels(tmp_path: Path) -> None:
+    spec = SiteSpec("d", 30, 0.2, 0.8, 5.0, "smooth", 0.0, "GE", n_deploy=20, n_deploy_eval=16, deploy_prevalence=0.75)
+    generate(tmp_path, sites=[spec], seed=2, image_size=32)
+    rows, audit = _rows(tmp_path / "d"), _rows(tmp_path / "d", AUDIT_FILE)
+    labelled = [r for r in rows if r["label"] != ""]
+    unlabelled = [r for r in rows if r["label"] == ""]
+    assert len(labelled) == 30 and len(unlabelled) == 20 and len(audit) == 16
+    assert {r["image"] for r in audit}.isdisjoint(r["image"] for r in rows)  # eval images never in labels.csv
+    assert all((tmp_path / "d" / r["image"]).is_file() for r in audit) and {r["split"] for r in audit} == {"test"}
+    assert np.mean([r["label"] == "1" for r in audit]) == 12 / 16
+    truth = json.loads((tmp_path / "truth.json").read_text())["sites"][0]
+    assert truth["prior_labelled_true"] == np.mean([r["label"] == "1" for r in labelled]) == 6 / 30
+    assert truth["prior_deploy_true"] == 27 / 36 and truth["prior_deploy_eval_true"] == 12 / 16
+    assert truth["prior_unlabelled_true"] == 15 / 20 and truth["n_unlabelled"] == 20
+    # written again as a site without deployment images: the stale audit file goes, labels.csv is the old kind
+    generate(tmp_path, sites=[dataclasses.replace(spec, n_deploy=0, n_deploy_eval=0, deploy_prevalence=None)],
+             seed=2, image_size=32)
+    assert not (tmp_path / "d" / AUDIT_FILE).exists() and len(_rows(tmp_path / "d")) == 30
+
+
+def test_a_site_without_deployment_is_drawn_as_before_it_existed(tmp_path: Path) -> None:
+    """The labelled population's files do not depend on whether deployment patients follow them."""
+    base = SiteSpec("d", 14, 0.3, 0.8, 5.0, "smooth", 0.0, "GE", unlabelled_fraction=0.0)
+    generate(tmp_path / "a", sites=[base], seed=4, image_size=32)
+    generate(tmp_path / "b", sites=[dataclasses.replace(base, n_deploy=5, n_deploy_eval=3, deploy_prevalence=0.9)],
+             seed=4, image_size=32)
+    a, b = _tree_bytes(tmp_path / "a" / "d"), _tree_bytes(tmp_path / "b" / "d")
+    assert all(b[k] == v for k, v in a.items() if k.endswith(".dcm"))
+    assert _rows(tmp_path / "b" / "d")[:14] == _rows(tmp_path / "a" / "d")
 
 
 def test_truth_records_the_prior_of_the_unlabelled_images(tmp_path: Path) -> None:
@@ -216,7 +277,8 @@ def test_spacing_is_physical() -> None:
     "field, value",
     [("prevalence", 1.5), ("prevalence", -0.1), ("n_patients", 0), ("kernel", "soft"),
      ("spacing_mm", 0.0), ("noise_hu", -1.0), ("test_fraction", 1.0), ("rescale_slope", 0.0),
-     ("unlabelled_fraction", 2.0), ("name", "a/b")],
+     ("unlabelled_fraction", 2.0), ("name", "a/b"), ("n_deploy", -1), ("n_deploy_eval", 1.5),
+     ("deploy_prevalence", 1.2)],
 )
 def test_bad_site_spec_rejected(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):

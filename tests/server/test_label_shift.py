@@ -108,3 +108,27 @@ def test_the_report_takes_truth_only_from_its_caller_never_from_the_data_folder(
     assert build_report(cfg, {"site-b": site}, **args)["sites"][0]["prior_true"] is None
     handed = build_report(cfg, {"site-b": site}, truth=load_truth(tmp_path), **args)
     assert handed["sites"][0]["prior_true"] == 0.9
+
+
+def test_the_deployment_rows_reach_report_json_and_report_md(tmp_path):
+    from fedrad.server.strategy import SiteLog
+
+    methods = ("none", "labelled", "em", "bbse", "oracle")
+    scores = {f"ece-deploy-{m}": 0.01 * (i + 1) for i, m in enumerate(methods)}
+    scores.update({f"prior-deploy-{m}": 0.5 + 0.01 * i for i, m in enumerate(methods)})
+    scores.update({f"brier-deploy-{m}": 0.2 for m in methods if m != "bbse"})  # BBSE refused: no scores
+    del scores["ece-deploy-bbse"], scores["prior-deploy-bbse"]
+    site = SiteLog("site-a", train={1: {"n-train": 10, "n-class-0": 5, "n-class-1": 5}},
+                   evaluate={1: {"auc": 0.9, "ece-uncorrected": 0.1, "ece-corrected": 0.05, "n-deploy-eval": 300,
+                                 "prior-labelled": 0.3, **scores}})
+    truth = {"site-a": {"prior_true": 0.3, "prior_unlabelled_true": 0.6, "prior_deploy_true": 0.61}}
+    report = build_report(RunConfig(), {"site-a": site}, wall_seconds=1.0, full_model_bytes=10, shared_payload_bytes=5,
+                          rejected=[], failed=[], truth=truth)
+    row = report["sites"][0]
+    assert row["prior_labelled"] == 0.3 and row["prior_deploy_true"] == 0.61 and row["n_deploy_eval"] == 300
+    assert [row[f"ece_deploy_{m}"] for m in methods] == [0.01, 0.02, 0.03, None, 0.05]
+    assert row["prior_deploy_em"] == 0.52 and row["brier_deploy_oracle"] == 0.2 and row["brier_deploy_bbse"] is None
+    text = to_markdown(report)
+    assert "### On the deployment evaluation set" in text
+    assert "| site-a | 300 | 0.300 | 0.610 | EM | 0.520 | 0.030 | 0.200 | – |" in text
+    assert "| site-a | 300 | 0.300 | 0.610 | BBSE | – | – | – | – |" in text  # a refused row is shown, empty
