@@ -127,9 +127,10 @@ def _fit(model: EfficientNetLite0, inputs: Inputs, y: np.ndarray, cfg: RunConfig
             loss.backward()
             optimizer.step()
             losses.append(loss.detach())
-    # near-equal batches: the cumulative average then weights every image (almost) equally
+    # every training image, in batches of at least batch-size (>= 2) images: the statistics are exact over all n,
+    # which is the count the site reports with them (`bn-samples`)
     with autocast(device):
-        recalibrate_bn(model, (inputs.batch(idx, 0) for idx in torch.tensor_split(torch.arange(n), math.ceil(n / cfg.batch_size))),
+        recalibrate_bn(model, (inputs.batch(idx, 0) for idx in torch.tensor_split(torch.arange(n), max(1, n // cfg.batch_size))),
                        forward=inputs.forward)
     mean_loss = float(torch.stack(losses).mean()) if losses else math.nan
     return {"train-loss": mean_loss, "seconds": time.perf_counter() - start}

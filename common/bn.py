@@ -34,20 +34,28 @@ def bn_state_keys(model: nn.Module) -> set[str]:
 def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], *,
                    layers: Iterable[nn.Module] | None = None,
                    forward: Callable[[torch.Tensor], object] | None = None) -> int:
-    """Re-estimate BN running statistics as the exact average over `batches` (AdaBN / precise BN).
+    """Set BN statistics to the exact population mean and biased variance of what each layer sees (AdaBN / precise BN).
 
     Why: pretrained BN uses momentum 0.01 (TF's 0.99 decay), so a few dozen local steps
     leave the running statistics mostly ImageNet's while training normalised with the
-    site's batch statistics; evaluation then sees a different network. A forward pass
-    over the site's own images with a cumulative average fixes that. Forward passes only:
-    no labels, no gradient.
+    site's batch statistics; evaluation then sees a different network. One forward pass
+    over the site's own images fixes that. Forward passes only: no labels, no gradient.
+
+    Each chosen layer's input is summed and squared-summed per channel in float64 over
+    every image and pixel of every batch, so the statistics are those of the concatenated
+    activations: mean = Σx / m, var = Σx² / m − mean² (biased, what BN divides by at
+    evaluation and what the coordinator's law-of-total-variance pooling assumes). An
+    average of per-batch means and variances, torch's cumulative mode, leaves out the
+    spread of the batch means and weights a short last batch like a full one; torch's
+    running_var is moreover unbiased. During the pass the layers normalise with their
+    batch statistics, as in training.
 
     Args:
         layers: the BN layers to re-estimate; default: those with trainable affine
             parameters (frozen BN belongs to the fixed feature extractor and keeps its
             statistics unless named here, e.g. for AdaBN inside the frozen prefix).
         forward: how to run a batch (default `model(batch)`), e.g. only a prefix.
-    Returns the number of BN layers re-estimated. Leaves the model in eval mode.
+    Returns the number of images the statistics were computed on. Leaves the model in eval mode.
     """
     chosen = list(layers) if layers is not None else [
         m for m in bn_modules(model).values() if any(p.requires_grad for p in m.parameters())]
@@ -55,20 +63,36 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], *,
         return 0
     run = forward or model
     model.eval()
-    saved = {}
+    sums: dict[nn.Module, list[torch.Tensor]] = {}
+
+    def accumulate(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].detach().double()
+        per_channel = x.transpose(0, 1).reshape(x.shape[1], -1)
+        acc = sums.setdefault(module, [torch.zeros(x.shape[1], dtype=torch.float64, device=x.device),
+                                       torch.zeros(x.shape[1], dtype=torch.float64, device=x.device), 0])
+        acc[0] += per_channel.sum(dim=1)
+        acc[1] += (per_channel * per_channel).sum(dim=1)
+        acc[2] += per_channel.shape[1]
+
+    hooks = [m.register_forward_pre_hook(accumulate) for m in chosen]
     for m in chosen:
-        saved[m] = m.momentum
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average = exact mean over batches
         m.train()
-    seen = 0
-    for batch in batches:
-        if len(batch) >= 2:
-            run(batch)
-            seen += 1
-    for m in chosen:
-        m.momentum = saved[m]
-        m.eval()
-    if seen == 0:
+    images = 0
+    try:
+        for batch in batches:
+            if len(batch) >= 2:
+                run(batch)
+                images += len(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m in chosen:
+            m.eval()
+    if images == 0:
         raise ValueError("recalibrate_bn needs at least one batch of 2 or more images.")
-    return len(chosen)
+    for m in chosen:
+        total, squares, count = sums[m]
+        mean = total / count
+        m.running_mean.copy_(mean.to(m.running_mean))
+        m.running_var.copy_((squares / count - mean * mean).clamp_min(0).to(m.running_var))
+    return images

@@ -11,9 +11,12 @@ keeps the latest report per site (with its round and count), and pools them per 
 The second term is why an average of variances is wrong: sites whose scanners shift the
 activations (different means) make the pooled population wider than any single site.
 Every image has the same size after preprocessing, so images are the right weights (each
-image contributes the same number of pixels per channel). Site variances are treated as
-population (ddof 0) variances; BN's own unbiased m/(m-1) factor, with m = batch x H x W in
-the thousands, is below the float32 noise.
+image contributes the same number of pixels per channel). Sites send population (biased,
+ddof 0) variances, computed exactly over all their training images in one pass of sums and
+sums of squares (`fedrad.common.bn.recalibrate_bn`): not torch's unbiased running_var, not
+an average of batch variances. So the pooled statistics equal those of the concatenated
+activations (tested to 1e-5). With `bn-mode=shared` the coordinator pools the BN statistics
+in the shared weights the same way (`pool_shared_bn`), never as a plain mean of variances.
 
 The pooled statistics are what a site never seen in training normalises with
 (`fedrad.client.unseen`), the alternative being AdaBN on its own images.
@@ -59,6 +62,27 @@ def pool_moments(means: Sequence[np.ndarray], variances: Sequence[np.ndarray],
     mean = (w.reshape(shape) * mu).sum(axis=0)
     total = (w.reshape(shape) * (var + (mu - mean) ** 2)).sum(axis=0)
     return mean, total
+
+
+def pool_shared_bn(updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+                   averaged: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`averaged` (a weighted mean of `updates`) with every BN layer's running_var pooled by total variance.
+
+    FedAvg's weighted mean is right for a running_mean but not for a running_var: the
+    spread of the sites' means is missing. Each "<layer>.running_var" whose
+    "<layer>.running_mean" is also shared is replaced by `pool_moments` over the sites,
+    with the same weights; every other key is returned as averaged, in its dtype.
+    """
+    out = dict(averaged)
+    weights = [float(n) for _, n in updates]
+    for key in averaged:
+        layer, _, part = key.rpartition(".")
+        if part != VAR or f"{layer}.{MEAN}" not in averaged:
+            continue
+        mean, var = pool_moments([u[f"{layer}.{MEAN}"] for u, _ in updates], [u[key] for u, _ in updates], weights)
+        out[f"{layer}.{MEAN}"] = mean.astype(averaged[f"{layer}.{MEAN}"].dtype)
+        out[key] = var.astype(averaged[key].dtype)
+    return out
 
 
 def layers_of(keys: Sequence[str] | Mapping[str, object]) -> list[str]:

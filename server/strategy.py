@@ -52,7 +52,7 @@ from fedrad.server.aggregate import (
     validate_update,
     weighted_average,
 )
-from fedrad.server.bn_registry import BNRegistry
+from fedrad.server.bn_registry import BNRegistry, pool_shared_bn
 from fedrad.server.label_shift import training_prior
 
 log = logging.getLogger("fedrad.coordinator")
@@ -189,7 +189,7 @@ class FedRad(FedAvg):
             return None, None
         n = sum(w for _, w in losses)
         summary = MetricRecord({"train-loss": sum(l * w for l, w in losses) / n, "sites": len(accepted)})
-        return from_numpy(weighted_average(accepted)), summary
+        return from_numpy(pool_shared_bn(accepted, weighted_average(accepted))), summary  # bn-mode=shared: total var
 
     def _bn_stats(self, name: str, msg: Message, metrics: dict) -> dict[str, np.ndarray]:
         """The reply's validated BN statistics ({} when this run expects none); raises UpdateRejected."""

@@ -1,5 +1,7 @@
 """BN helpers: found by type; precise re-estimation gives the exact statistics of the data."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -25,21 +27,62 @@ def test_bn_found_by_type_not_name():
     assert "norm.running_var" in bn_state_keys(model) and "conv.weight" not in bn_state_keys(model)
 
 
-def test_recalibration_gives_exact_statistics_of_all_batches():
+class Deep(nn.Module):
+    """Two BN layers in a row: the second one's input depends on how the first normalised."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 1, bias=False)
+        self.norm = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.norm2(self.conv2(torch.relu(self.norm(self.conv(x)))))
+
+
+def shifted_batches(seed: int = 0) -> list[torch.Tensor]:
+    """Uneven batches (4, 3, 5 images) whose means differ: the case an average of batch variances gets wrong."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 2, 6, 6, generator=g) * s + o for n, s, o in ((4, 1.0, 0.0), (3, 2.0, 3.0), (5, 0.5, -2.0))]
+
+
+def concatenated_inputs(model: nn.Module, layer: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    """Every value `layer` sees when `model` runs on `batches` in training mode, per channel (C, m), float64."""
+    seen: list[torch.Tensor] = []
+    hook = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().double()))
+    model.train()
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    hook.remove()
+    x = torch.cat(seen)
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def test_recalibration_gives_the_statistics_of_the_concatenated_activations():
+    torch.manual_seed(0)
+    model, batches = Deep(), shifted_batches()
+    reference = copy.deepcopy(model)
+    truth = {name: concatenated_inputs(reference, getattr(reference, name), batches) for name in ("norm", "norm2")}
+    assert recalibrate_bn(model, batches) == 12  # images seen
+    for name, x in truth.items():
+        layer = getattr(model, name)
+        torch.testing.assert_close(layer.running_mean.double(), x.mean(1), rtol=1e-5, atol=0)
+        torch.testing.assert_close(layer.running_var.double(), x.var(1, correction=0), rtol=1e-5, atol=0)
+    # what it replaced would fail here: the mean of per-batch (unbiased) variances misses the batch means' spread
+    per_batch = [model.conv(b).detach().double().transpose(0, 1).reshape(3, -1) for b in batches]
+    averaged = torch.stack([f.var(1) for f in per_batch]).mean(0)
+    assert ((averaged - truth["norm"].var(1, correction=0)).abs() / truth["norm"].var(1, correction=0)).max() > 0.05
+    assert model.norm.momentum == 0.1 and not model.training
+
+
+def test_recalibration_leaves_frozen_bn_alone():
     torch.manual_seed(0)
     model = Tiny()
-    data = torch.randn(10, 2, 4, 4) * 3 + 1
     before_frozen = model.frozen_norm.running_mean.clone()
-    assert recalibrate_bn(model, [data[:4], data[4:8], data[8:]]) == 1
-    with torch.no_grad():
-        feats = model.conv(data).transpose(0, 1).reshape(3, -1)
-    # equal-size batches would be an exact mean; a cumulative average weights batches equally
-    per_batch = [model.conv(b).transpose(0, 1).reshape(3, -1) for b in (data[:4], data[4:8], data[8:])]
-    expected_mean = torch.stack([f.mean(1) for f in per_batch]).mean(0)
-    torch.testing.assert_close(model.norm.running_mean, expected_mean.detach(), rtol=1e-5, atol=1e-5)
-    assert torch.allclose(model.norm.running_mean, feats.mean(1), atol=0.3)
+    recalibrate_bn(model, [torch.randn(4, 2, 4, 4) * 3 + 1])
     assert torch.equal(model.frozen_norm.running_mean, before_frozen)  # frozen BN keeps its statistics
-    assert model.norm.momentum == 0.1 and not model.training
 
 
 def test_recalibration_refuses_no_usable_batch():

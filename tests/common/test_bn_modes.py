@@ -17,7 +17,7 @@ from fedrad.common.finetune import (
     trainable_bn_modules,
 )
 from fedrad.server.aggregate import weighted_average
-from fedrad.server.bn_registry import BNRegistry
+from fedrad.server.bn_registry import BNRegistry, pool_shared_bn
 
 
 @pytest.fixture(scope="module")
@@ -111,22 +111,51 @@ class TwoLayer(nn.Module):
         return self.norm(self.conv(x))
 
 
-def test_registry_pools_real_bn_statistics_exactly_as_bn_on_the_concatenated_images():
-    """Each site re-estimates BN on its own images; pooling their reports gives BN of all images together."""
+def test_registry_and_shared_mode_pool_bn_statistics_exactly_as_bn_on_the_concatenated_images():
+    """Each site re-estimates BN on its own images (production `recalibrate_bn`, uneven batches); the registry's
+    pooling and bn-mode=shared's aggregation of what the sites send equal the statistics of all activations."""
     torch.manual_seed(0)
     net = TwoLayer()
-    sites = {"a": torch.randn(6, 2, 8, 8) + 3.0, "b": torch.randn(10, 2, 8, 8) * 2.0 - 1.0}
-    per_pixel = 8 * 8
+    sites = {"a": torch.randn(6, 2, 8, 8) + 3.0, "b": torch.randn(10, 2, 8, 8) * 2.0 - 1.0,
+             "c": torch.randn(4, 2, 8, 8) * 0.5 + 8.0}
     reg = BNRegistry()
+    updates = []
     for name, images in sites.items():
-        recalibrate_bn(net, [images])  # one batch: exact mean, unbiased variance over n*H*W values
-        m = len(images) * per_pixel
-        var = net.norm.running_var.numpy() * (m - 1) / m  # BN stores the unbiased variance
-        reg.update(name, 1, {"norm.running_mean": net.norm.running_mean.numpy(), "norm.running_var": var},
-                   len(images))
-    recalibrate_bn(net, [torch.cat(list(sites.values()))])
-    m_all = 16 * per_pixel
+        assert recalibrate_bn(net, [images[:2], images[2:]]) == len(images)
+        sent = {k: v.numpy().copy() for k, v in net.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+        reg.update(name, 1, sent, len(images))  # as sent: biased variance, no conversion anywhere
+        updates.append((sent, float(len(images))))
+    with torch.no_grad():
+        x = net.conv(torch.cat(list(sites.values()))).double().transpose(0, 1).reshape(3, -1).numpy()
+    truth_mean, truth_var = x.mean(1), x.var(1)
     pooled = reg.pooled()
-    np.testing.assert_allclose(pooled["norm.running_mean"], net.norm.running_mean.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(pooled["norm.running_var"], net.norm.running_var.numpy() * (m_all - 1) / m_all,
-                               rtol=1e-5)
+    np.testing.assert_allclose(pooled["norm.running_mean"], truth_mean, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(pooled["norm.running_var"], truth_var, rtol=1e-5, atol=0)
+    shared = pool_shared_bn(updates, weighted_average(updates))  # what the strategy returns in bn-mode=shared
+    np.testing.assert_allclose(shared["norm.running_mean"], truth_mean, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(shared["norm.running_var"], truth_var, rtol=1e-5, atol=0)
+    assert shared["norm.running_var"].dtype == np.float32
+    # a plain FedAvg of the variances (what shared mode did) is far off: the sites' means differ
+    assert np.abs(weighted_average(updates)["norm.running_var"] / truth_var - 1).max() > 0.5
+
+
+def test_a_site_training_round_leaves_the_exact_statistics_of_its_training_images():
+    """Through production: `fit` at freeze-blocks 14; the first adapted BN layer's input does not depend on batching
+    (the prefix is frozen), so its statistics must equal those of the concatenated activations of every image."""
+    from fedrad.client.train import fit, pixel_inputs
+    from fedrad.common.config import RunConfig
+    from fedrad.common.finetune import first_trainable_unit
+    from fedrad.common.model import build_model
+
+    cfg = RunConfig(local_epochs=1, batch_size=4, freeze_blocks=14)
+    model = build_model(cfg)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(11, 3, 32, 32)).astype(np.float32)  # 11 images: batches of 5 and 6 in the BN pass
+    fit(model, pixel_inputs(model, x, 1, torch.device("cpu")), np.arange(11) % 2, cfg, seed=0)
+    block = model.feature_units()[first_trainable_unit(14)]
+    model.eval()
+    with torch.no_grad():
+        h = block._expand_conv(model.forward_units(torch.from_numpy(x), 0, first_trainable_unit(14)))
+    acts = h.double().transpose(0, 1).reshape(h.shape[1], -1).numpy()
+    np.testing.assert_allclose(block._bn0.running_mean.numpy(), acts.mean(1), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(block._bn0.running_var.numpy(), acts.var(1), rtol=1e-5, atol=1e-7)
