@@ -22,6 +22,9 @@ import numpy as np
 
 from fedrad.client.labels import Row, SiteDataError, Skipped, read_labels
 from fedrad.client.lru import BoundedLRU
+from fedrad.client.masks import read_mask
+from fedrad.client.series import read_series
+from fedrad.client.slices import lesion_planes
 from fedrad.common.dicom import DicomImage, DicomReadError, read_image
 from fedrad.common.preprocess import Preprocessor, Stack
 
@@ -103,17 +106,23 @@ def load_site(
     }
     spacings: list[tuple[float, float]] = []
     for done, row in enumerate(rows, start=1):
-        problem, image = _read_row(site_dir, row)
-        if image is not None:
-            spacings.append(image.spacing_mm)
+        if row.series:
+            problem, x, spacing, key = _series_row(site_dir, row, preprocessor)
+        else:
+            problem, image = _read_row(site_dir, row)
+            spacing = None if image is None else image.spacing_mm
+            if problem is None:
+                center = None if row.roi_xy is None else (row.roi_xy[1], row.roi_xy[0])
+                x, key = preprocessor(image, center), image_key(site_dir.joinpath(*row.rel.parts), row.roi_xy)
+        if spacing is not None:
+            spacings.append(spacing)
         if problem is not None:
             skipped.append(Skipped(row.image, f"labels.csv line {row.line}: {problem}"))
         else:
-            center = None if row.roi_xy is None else (row.roi_xy[1], row.roi_xy[0])
             bucket = "unlabelled" if row.label is None else row.split
-            buckets[bucket][0].append(preprocessor(image, center))
+            buckets[bucket][0].append(x)
             buckets[bucket][1].append(-1 if row.label is None else row.label)
-            buckets[bucket][2].append(image_key(site_dir.joinpath(*row.rel.parts), row.roi_xy))
+            buckets[bucket][2].append(key)
         if on_progress is not None:
             on_progress(done, len(rows))
 
@@ -168,6 +177,40 @@ def _read_row(site_dir: Path, row: Row) -> tuple[str | None, DicomImage | None]:
                 f"{n_rows} rows); roi_x is the column index, roi_y the row index"
             ), image
     return None, image
+
+
+def _series_row(site_dir: Path, row: Row, preprocessor: Preprocessor | Stack
+                ) -> tuple[str | None, np.ndarray | None, tuple[float, float] | None, str]:
+    """A series row: read the series and its mask, cut the run's planes, preprocess them.
+
+    Returns (problem or None, CNN input or None, in-plane spacing or None, content key). The
+    key hashes every file of the series, the mask, the ROI name and the slice mode, so a
+    cached input is never served for a changed series, mask or mode.
+    """
+    series_path = site_dir.joinpath(*row.rel.parts)
+    if row.mask is None:  # the labels grammar refuses such rows; kept for direct callers
+        return "series row without a mask", None, None, ""
+    mask_path = site_dir.joinpath(*row.mask.parts)
+    mode, slab = getattr(preprocessor, "slice_mode", "largest"), getattr(preprocessor, "slab_mm", 5.0)
+    try:
+        volume = read_series(series_path)
+        mask = read_mask(mask_path, volume, row.roi_name or None)
+    except DicomReadError as exc:
+        where = ("" if exc.path == series_path else f"mask {row.mask}: " if exc.path == mask_path
+                 else f"series {row.image}, {exc.path.name}: ")
+        return where + exc.reason, None, None, ""
+    planes = lesion_planes(volume, mask, mode=mode, slab_mm=slab)
+    if len(planes.images) == 1:
+        x = preprocessor(planes.images[0], planes.centres_rc[0])
+    else:
+        x = preprocessor.from_planes(planes.images, planes.centres_rc, planes.main)
+    files = sorted(series_path.iterdir()) if series_path.is_dir() else [series_path]
+    digest = hashlib.sha256()
+    for file in [*files, mask_path]:
+        if file.is_file():
+            digest.update(file.name.encode() + file.read_bytes())
+    digest.update(repr((row.roi_name, mode, slab)).encode())
+    return None, x, (float(volume.spacing_mm[1]), float(volume.spacing_mm[2])), digest.hexdigest()[:32]
 
 
 def _read_image_remembered(path: Path) -> DicomImage:

@@ -3,8 +3,10 @@
 A site folder looks like::
 
     site_a/
-        labels.csv          image,label,split[,roi_x,roi_y]
+        labels.csv          image,label,split[,roi_x,roi_y]   (2-D rows)
+                            series,mask,label,split[,roi_name] (series rows)
         scans/0001.dcm ...
+        ct/0001/ (a folder of slices, or one multi-frame file) + masks/0001.seg.dcm ...
 
 * ``image``: path relative to the site folder ("/" or "\\" separators);
   absolute paths and ".." are refused so labels.csv cannot reach outside.
@@ -15,6 +17,11 @@ A site folder looks like::
 * ``roi_x``, ``roi_y`` (optional): lesion centre in input pixel indices,
   x = column, y = row, 0-based, (x, y) = centre of that pixel; fractions
   allowed. Both empty (or the columns absent) = image centre.
+* ``series`` (instead of ``image``): a folder of one series' slice files, or one
+  multi-frame file (`fedrad.client.series`); ``mask`` (required with it): the lesion
+  as DICOM SEG, RT Structure Set or NIfTI (`fedrad.client.masks`), and ``roi_name``
+  the ROI (RTSTRUCT) or segment label (SEG) when the file holds several. A row gives
+  ``image`` or ``series``, not both; both kinds may share one labels.csv.
 
 A bad row is recorded as a :class:`Skipped` with a reason that names the line and the
 value, and the rest is read. Only a missing or unusable labels.csv is fatal
@@ -30,8 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-LABEL_COLUMNS = ("image", "label", "split", "roi_x", "roi_y")
-REQUIRED_COLUMNS = ("image", "label", "split")
+LABEL_COLUMNS = ("image", "label", "split", "roi_x", "roi_y", "series", "mask", "roi_name")
+REQUIRED_COLUMNS = ("label", "split")  # and image or series
 _LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
 _SPLITS = ("train", "test")
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -65,11 +72,14 @@ class Row:
     label: int | None
     split: str
     roi_xy: tuple[float, float] | None
+    series: bool = False  # `rel` names a series (folder or multi-frame file), not one image
+    mask: PurePosixPath | None = None  # series rows: the lesion mask
+    roi_name: str = ""  # series rows: ROI name (RTSTRUCT) or segment label (SEG); "" = the only one
 
 
 def read_labels(csv_path: Path, skipped: list[Skipped]) -> list[Row]:
     """Parse and validate labels.csv; bad rows go to ``skipped``."""
-    expected = "expected columns: image,label,split (optional: roi_x,roi_y)"
+    expected = "expected columns: image,label,split (optional: roi_x,roi_y) or series,mask,label,split (optional: roi_name)"
     if not csv_path.is_file():
         raise SiteDataError(f"{csv_path}: labels.csv not found; each site folder needs one ({expected})")
     rows: list[Row] = []
@@ -79,6 +89,8 @@ def read_labels(csv_path: Path, skipped: list[Skipped]) -> list[Row]:
             reader = csv.reader(handle)
             header = [h.strip().lower() for h in next(reader, [])]
             missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if "image" not in header and "series" not in header:
+                missing.insert(0, "image (or series)")
             if missing:
                 unknown = [h for h in header if h not in LABEL_COLUMNS]
                 raise SiteDataError(
@@ -117,18 +129,28 @@ def read_labels(csv_path: Path, skipped: list[Skipped]) -> list[Row]:
 def _parse_row(line: int, get: Callable[[str], str], skipped: list[Skipped]) -> Row | None:
     """Validate one row; on failure record why and return None."""
     where = f"labels.csv:{line}"
-    image = get("image")
-    if not image:
+    image, series = get("image"), get("series")
+    if image and series:
+        skipped.append(Skipped(where, f"labels.csv line {line}: both 'image' ({image}) and 'series' ({series}) "
+                               "are given; a row is one 2-D image or one series"))
+        return None
+    if not image and not series:
         skipped.append(Skipped(where, f"labels.csv line {line}: empty 'image' cell"))
         return None
-    rel = PurePosixPath(image.replace("\\", "/"))
-    if rel.is_absolute() or _DRIVE.match(image) or ".." in rel.parts or rel == PurePosixPath("."):
-        skipped.append(Skipped(
-            image,
-            f"labels.csv line {line}: image path {image!r} must be relative to the site folder "
-            "and stay inside it (no absolute paths, no '..')",
-        ))
+    image = image or series
+    rel = _inside(line, "image" if not series else "series", image, skipped)
+    if rel is None:
         return None
+    mask = None
+    if series:
+        raw_mask = get("mask")
+        if not raw_mask:
+            skipped.append(Skipped(image, f"labels.csv line {line}: series row without a 'mask' (DICOM SEG, "
+                                   "RTSTRUCT or NIfTI lesion mask); a series row needs its lesion"))
+            return None
+        mask = _inside(line, "mask", raw_mask, skipped)
+        if mask is None:
+            return None
     raw_label = get("label")
     if raw_label and raw_label not in _LABELS:
         skipped.append(Skipped(
@@ -161,4 +183,17 @@ def _parse_row(line: int, get: Callable[[str], str], skipped: list[Skipped]) -> 
                 f"(pixel column, row) or both empty, got roi_x={raw_x!r}, roi_y={raw_y!r}"
             ))
             return None
-    return Row(line, image, rel, label, split, roi_xy)
+    return Row(line, image, rel, label, split, roi_xy, series=bool(series), mask=mask, roi_name=get("roi_name"))
+
+
+def _inside(line: int, column: str, written: str, skipped: list[Skipped]) -> PurePosixPath | None:
+    """The path as written, if it stays inside the site folder; else record why and return None."""
+    rel = PurePosixPath(written.replace("\\", "/"))
+    if rel.is_absolute() or _DRIVE.match(written) or ".." in rel.parts or rel == PurePosixPath("."):
+        skipped.append(Skipped(
+            written,
+            f"labels.csv line {line}: {column} path {written!r} must be relative to the site folder "
+            "and stay inside it (no absolute paths, no '..')",
+        ))
+        return None
+    return rel

@@ -55,6 +55,10 @@ class HUCrop(Preprocessor):
             crop = np.full_like(crop, np.nan)
         return crop[None]
 
+    def from_planes(self, images, centres_rc, main: int) -> np.ndarray:
+        """A series row's planes: the HU crop of the plane through the lesion centre."""
+        return self(images[main], centres_rc[main])
+
 
 @dataclass(frozen=True)
 class SiteIntensity:
@@ -85,7 +89,7 @@ MAX_MEMO = 32  # a histogram is 16 kB: an actor serving several sites keeps all 
 
 def raw_preprocessor(cfg: RunConfig) -> Preprocessor:
     """The CNN preprocessing of this run without any intensity map (harmonize off)."""
-    return Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm)
+    return Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, slice_mode=cfg.slice_mode, slab_mm=cfg.slab_mm)
 
 
 def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None,
@@ -125,7 +129,7 @@ MAX_KEPT = 2  # intensity files per site folder state kept on disk: the spacing 
 
 def _cropper(cfg: RunConfig) -> HUCrop:
     spacing = cfg.spacing_mm or cfg.fov_mm / 8.0  # a tiny crop when only spacings are wanted
-    return HUCrop(spacing_mm=spacing, fov_mm=cfg.fov_mm)
+    return HUCrop(spacing_mm=spacing, fov_mm=cfg.fov_mm, slice_mode=cfg.slice_mode, slab_mm=cfg.slab_mm)
 
 
 def _load_intensity(path: Path) -> SiteIntensity | None:
@@ -196,7 +200,8 @@ def site_preprocessor(cfg: RunConfig, site_dir: Path, reference: np.ndarray | No
                                    method=cfg.harmonize, split_hu=cfg.harmonize_split_hu, site=site)
     for warning in caught:
         _warn(str(warning.message))
-    return Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, intensity_map=match)
+    return Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, intensity_map=match,
+                        slice_mode=cfg.slice_mode, slab_mm=cfg.slab_mm)
 
 
 def load_inputs(cfg: RunConfig, site_dir: Path, reference: np.ndarray | None, *, site: str | None = None,

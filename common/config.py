@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from fedrad.common.finetune import BN_MODES, check_freeze_blocks
+from fedrad.common.preprocess import SLICE_MODES
 
 AUGMENTS = ("dihedral", "none")
 PREFIX_BN = ("pretrained", "site")
@@ -65,6 +66,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_freeze_blocks(self.freeze_blocks)
         checks = [
+    slice_mode: str = "largest"  # series rows: largest (axial slice of largest lesion area) | 2.5d | orthogonal
+    slab_mm: float = 5.0  # slice-mode 2.5d: the neighbour planes' distance from the lesion centre (mm)
             (self.num_server_rounds >= 1, "num-server-rounds must be >= 1"),
             (self.bn_mode in BN_MODES, f"bn-mode must be one of {BN_MODES}"),
             (self.lr_max > 0, "lr-max must be > 0"),
@@ -97,6 +100,8 @@ class RunConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Build from kebab-case keys; unknown keys and wrong types are refused by name."""
+            (self.slice_mode in SLICE_MODES, f"slice-mode must be one of {SLICE_MODES}"),
+            (self.slab_mm > 0, "slab-mm must be > 0"),
         by_key = {f.name.replace("_", "-"): f.name for f in fields(cls)}
         types = get_type_hints(cls)
         unknown = sorted(set(run_config) - set(by_key))

@@ -132,6 +132,25 @@ def read_image(path: Path) -> DicomImage:
         ) from exc
 
 
+def read_frames(path: Path) -> tuple[Dataset, list[DicomImage]]:
+    """Every frame of one DICOM file, each as a :class:`DicomImage`, with the parsed header.
+
+    A multi-frame CT series stored as one file needs all its frames (``read_image`` keeps
+    only the middle one); the header comes back so the caller can read the frames' geometry
+    (`fedrad.client.series`). Same checks and errors as :func:`read_image`.
+    """
+    path = Path(path)
+    ds = _read_dataset(path)
+    try:
+        return ds, _to_images(ds, path)
+    except DicomReadError:
+        raise
+    except Exception as exc:
+        raise DicomReadError(
+            path, f"malformed DICOM header ({type(exc).__name__}: {exc}); re-export the image"
+        ) from exc
+
+
 def _read_dataset(path: Path) -> Dataset:
     """Parse the file, retrying without the DICM preamble check."""
     if path.is_dir():
@@ -160,7 +179,12 @@ def _read_dataset(path: Path) -> Dataset:
 
 
 def _to_image(ds: Dataset, path: Path) -> DicomImage:
-    """Validate the image tags, decode, apply the modality LUT, pick a frame."""
+    """Validate the image tags, decode, apply the modality LUT, pick the middle frame."""
+    return _to_images(ds, path, middle_only=True)[0]
+
+
+def _to_images(ds: Dataset, path: Path, *, middle_only: bool = False) -> list[DicomImage]:
+    """Validate the image tags, decode, apply the modality LUT to the middle frame or to all."""
     if not any(tag in ds for tag in _PIXEL_TAGS):
         raise DicomReadError(
             path,
@@ -184,28 +208,30 @@ def _to_image(ds: Dataset, path: Path) -> DicomImage:
     modality = str(ds.get("Modality", "") or "OT").strip().upper()
     spacing = _spacing_mm(ds, path)
     frames = _decode(ds, path)
-    if frames.ndim == 3:
-        index = frames.shape[0] // 2
-        frame = frames[index]
-    elif frames.ndim == 2:
-        index, frame = 0, frames
-    else:
+    if frames.ndim == 2:
+        frames = frames[None]
+    elif frames.ndim != 3:
         raise DicomReadError(
             path, f"decoded pixel data has shape {frames.shape}; expected (rows, cols) "
             "or (frames, rows, cols)"
         )
-    expected = (ds.get("Rows"), ds.get("Columns"))
-    if frame.shape != expected or frame.size == 0:
-        raise DicomReadError(
-            path, f"decoded frame has shape {frame.shape} but (0028,0010) Rows, (0028,0011) "
-            f"Columns say {expected}; the header or pixel data is corrupt"
-        )
-    values = np.asarray(apply_modality_lut(frame, _modality_lut_source(ds, index)), dtype=np.float32)
-    if not np.isfinite(values).all():
-        raise DicomReadError(path, "pixel values contain NaN or infinity after the modality LUT")
-    if photometric == "MONOCHROME1" and modality != "CT":
-        values = values.max() + values.min() - values
-    return DicomImage(values=values, spacing_mm=spacing, modality=modality, path=path)
+    indices = [frames.shape[0] // 2] if middle_only else range(frames.shape[0])
+    images = []
+    for index in indices:
+        frame = frames[index]
+        expected = (ds.get("Rows"), ds.get("Columns"))
+        if frame.shape != expected or frame.size == 0:
+            raise DicomReadError(
+                path, f"decoded frame has shape {frame.shape} but (0028,0010) Rows, (0028,0011) "
+                f"Columns say {expected}; the header or pixel data is corrupt"
+            )
+        values = np.asarray(apply_modality_lut(frame, _modality_lut_source(ds, index)), dtype=np.float32)
+        if not np.isfinite(values).all():
+            raise DicomReadError(path, "pixel values contain NaN or infinity after the modality LUT")
+        if photometric == "MONOCHROME1" and modality != "CT":
+            values = values.max() + values.min() - values
+        images.append(DicomImage(values=values, spacing_mm=spacing, modality=modality, path=path))
+    return images
 
 
 def _decode(ds: Dataset, path: Path) -> np.ndarray:

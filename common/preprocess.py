@@ -28,6 +28,10 @@ from fedrad.common.dicom import DicomImage
 
 CT_WINDOWS: tuple[tuple[float, float], ...] = ((-600.0, 1500.0), (40.0, 400.0), (-300.0, 2000.0))
 """(level, width) in HU: lung, soft tissue, wide."""
+PLANE_WINDOW: tuple[float, float] = CT_WINDOWS[1]
+"""(level, width) in HU of a CT plane when the channels are planes (slice modes 2.5d, orthogonal)."""
+SLICE_MODES = ("largest", "2.5d", "orthogonal")
+"""Run config `slice-mode`: how a series row becomes planes (`fedrad.client.slices`)."""
 
 _ANTIALIAS_RATIO = 1.5  # blur only when output spacing > 1.5x input spacing
 
@@ -263,7 +267,13 @@ class Preprocessor:
         fov_mm: float = 48.0,
         ct_windows: Sequence[tuple[float, float]] = CT_WINDOWS,
         intensity_map: Callable[[np.ndarray], np.ndarray] | None = None,
+        slice_mode: str = "largest",
+        slab_mm: float = 5.0,
     ) -> None:
+        if slice_mode not in SLICE_MODES:
+            raise ValueError(f"slice_mode must be one of {SLICE_MODES}, got {slice_mode!r}")
+        self.slice_mode = slice_mode
+        self.slab_mm = _positive("slab_mm", slab_mm)
         if len(ct_windows) != 3:
             raise ValueError(
                 f"ct_windows must hold exactly 3 (level, width) pairs (one per backbone input "
@@ -278,7 +288,9 @@ class Preprocessor:
 
     def __repr__(self) -> str:
         mapped = "" if self.intensity_map is None else f", {self.intensity_map!r}"
-        return f"Preprocessor({self.resample!r}{mapped}, {self.window!r}, {self.robust!r}, {self.normalize!r})"
+        planes = "" if self.slice_mode == "largest" else f", slice_mode={self.slice_mode!r}, slab_mm={self.slab_mm}"
+        return (f"Preprocessor({self.resample!r}{mapped}, {self.window!r}, {self.robust!r}, "
+                f"{self.normalize!r}{planes})")
 
     def __call__(self, image: DicomImage, center_rc: tuple[float, float] | None = None) -> np.ndarray:
         """Return float32 (3, size, size) ready for the CNN.
@@ -301,6 +313,25 @@ class Preprocessor:
         if self.intensity_map is not None:
             crop = self.intensity_map(crop)
         return self.normalize(self.window(crop))
+
+    def from_planes(self, images: Sequence[DicomImage], centres_rc: Sequence[tuple[float, float]],
+                    main: int) -> np.ndarray:
+        """Several planes of one lesion (`fedrad.client.slices`, 2.5d/orthogonal): one plane per channel.
+
+        Each plane is resampled and cropped like a 2-D image; a CT plane is then mapped by one
+        window (`PLANE_WINDOW`, soft tissue: lesions are soft tissue), other modalities by their
+        own percentiles. ``main`` is unused here (see ``HUCrop``).
+        """
+        channels = []
+        for image, centre in zip(images, centres_rc):
+            crop = self.resample(image, centre)
+            if image.modality.strip().upper() == "CT":
+                if self.intensity_map is not None:
+                    crop = self.intensity_map(crop)
+                channels.append(WindowChannels((PLANE_WINDOW,))(crop)[0])
+            else:
+                channels.append(self.robust(crop, reference=_subsample(image.values))[0])
+        return self.normalize(np.stack(channels))
 
 
 class Stack:
@@ -330,3 +361,18 @@ class Stack:
     def __call__(self, image: DicomImage, center_rc: tuple[float, float] | None = None) -> np.ndarray:
         """Return float32 (sum of the parts' channels, size, size)."""
         return np.concatenate([part(image, center_rc) for part in self.parts]).astype(np.float32, copy=False)
+
+    @property
+    def slice_mode(self) -> str:
+        """The parts' slice mode (they are made from one run config, so they agree)."""
+        return getattr(self.parts[-1], "slice_mode", "largest")
+
+    @property
+    def slab_mm(self) -> float:
+        return getattr(self.parts[-1], "slab_mm", 5.0)
+
+    def from_planes(self, images: Sequence[DicomImage], centres_rc: Sequence[tuple[float, float]],
+                    main: int) -> np.ndarray:
+        """Several planes of one lesion through every part, stacked along channels."""
+        return np.concatenate([part.from_planes(images, centres_rc, main)  # type: ignore[attr-defined]
+                               for part in self.parts]).astype(np.float32, copy=False)
