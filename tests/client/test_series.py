@@ -188,3 +188,17 @@ def test_series_rows_load_beside_image_rows(tmp_path: Path, mode: str) -> None:
     assert again.keys_train == data.keys_train
     other = "2.5d" if mode != "2.5d" else "largest"
     assert load_site(site, Preprocessor(spacing_mm=1.0, fov_mm=24.0, slice_mode=other)).keys_train != data.keys_train
+
+
+def test_multi_frame_file_reads_like_its_slice_folder(tmp_path: Path) -> None:
+    hu, mask, written = _series(tmp_path / "s")
+    ds = written[0].copy()
+    ds.NumberOfFrames = len(hu)
+    ds.SpacingBetweenSlices = SPACING[0]
+    ds.PixelData = b"".join(np.clip(np.round(p + 1024), 0, 4095).astype(np.uint16).tobytes() for p in hu)
+    ds.save_as(tmp_path / "mf.dcm", enforce_file_format=True)
+    folder, single = read_series(tmp_path / "s"), read_series(tmp_path / "mf.dcm")
+    np.testing.assert_array_equal(single.values, folder.values)
+    np.testing.assert_allclose(single.affine, folder.affine)
+    write_nifti(tmp_path / "m.nii.gz", mask, single.affine)
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.nii.gz", single), mask)
