@@ -20,6 +20,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from fedrad.cli_deploy import add_deploy_commands  # noqa: E402
+from fedrad.cli_site import add_site_commands  # noqa: E402
 from fedrad.common.config import load_run_config as load_config  # noqa: E402
 from fedrad.lab.compare_cli import add_compare_parser  # noqa: E402
 from fedrad.lab.synth import DEFAULT_DATA, make_synthetic  # noqa: E402
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_deploy_commands(sub)
 
     add_compare_parser(sub)
+    add_site_commands(sub)
     return parser
 
 

@@ -71,7 +71,8 @@ def run_federation(grid: Grid, cfg: RunConfig, truth: Mapping[str, Mapping[str, 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> None:
         checkpoints.save(server_round, arrays, strategy)
         save_global_model(Path(cfg.out_dir), server_round=server_round, shared=to_numpy(arrays),
-                          registry=strategy.bn_registry, config=cfg.to_run_config())
+                          registry=strategy.bn_registry, config=cfg.to_run_config(),
+                          run_id=checkpoints.federation_id)
 
     run_rounds(grid, strategy, arrays, first=checkpoints.done + 1, last=cfg.num_server_rounds,
                timeout=cfg.round_timeout, train_config=run_config, evaluate_config=ConfigRecord(run_config),

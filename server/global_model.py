@@ -43,6 +43,7 @@ class GlobalModel:
     shared: dict[str, np.ndarray]
     bn_pooled: dict[str, np.ndarray]
     registry: BNRegistry = field(default_factory=BNRegistry)
+    run_id: str = ""  # the experiment's federation id: names each site's own state of this run
 
     def site_weights(self) -> dict[str, np.ndarray]:
         """What a site never seen in training loads: the shared weights and the pooled BN statistics."""
@@ -57,8 +58,12 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def save_global_model(out_dir: Path, *, server_round: int, shared: Mapping[str, np.ndarray],
-                      registry: BNRegistry, config: Mapping[str, Any]) -> Path:
-    """Write global.npz + global.json into `out_dir`; return the npz path."""
+                      registry: BNRegistry, config: Mapping[str, Any], run_id: str = "") -> Path:
+    """Write global.npz + global.json into `out_dir`; return the npz path.
+
+    `run_id` (the federation id) lets a site's `fedrad predict` check that its own work
+    folder (BN, calibration, personalised head) belongs to this run.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pooled = registry.pooled()
@@ -70,6 +75,7 @@ def save_global_model(out_dir: Path, *, server_round: int, shared: Mapping[str, 
     meta = {
         "format": "fedrad global model v1: global.npz holds shared/<key>, bn-pooled/<key>, bn-site/<site>/<key>",
         "round": server_round,
+        "run_id": run_id,
         "config": dict(config),
         "shared_keys": list(shared),
         "bn_pooled_keys": list(pooled),
@@ -98,7 +104,7 @@ def load_global_model(out_dir: Path) -> GlobalModel:
         server_round=int(meta["round"]), config=meta["config"],
         shared={k[len(SHARED):]: v for k, v in arrays.items() if k.startswith(SHARED)},
         bn_pooled={k[len(POOLED):]: v for k, v in arrays.items() if k.startswith(POOLED)},
-        registry=registry,
+        registry=registry, run_id=str(meta.get("run_id", "")),
     )
 
 

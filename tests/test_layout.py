@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"common": "fedrad.common", "server": "fedrad.server", "client": "fedrad.client", "fedrad": "fedrad"}
 BARE = ("common", "server", "client")
 ROLES = ("fedrad.server", "fedrad.client")
-ABOVE = ("fedrad.lab", "fedrad.cli", "fedrad.cli_deploy")  # what stands above both roles
+ABOVE = ("fedrad.lab", "fedrad.cli", "fedrad.cli_deploy", "fedrad.cli_site")  # what stands above both roles
 
 
 def module_name(path: Path) -> str:
