@@ -11,6 +11,7 @@ Results are deterministic for a seed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -62,7 +63,7 @@ def run_job(job: Job) -> dict[str, Any]:
     from fedrad.lab.centralised import run_local, run_pooled
 
     cfg = RunConfig.from_run_config(job.config)
-    out = {"kind": job.kind, "name": job.name, "seed": job.seed}
+    out = {"kind": job.kind, "name": job.name, "seed": job.seed, "lr_chosen": cfg.lr_max}
     folders = discover_sites(Path(cfg.data_dir))
     shutil.rmtree(job.out_dir, ignore_errors=True)  # a fresh run: never resume an older compare's checkpoint
     if job.kind in ("local", "pooled"):
@@ -88,10 +89,31 @@ def _shift_scores(run_dir: Path) -> dict[str, float]:
 
 
 def execute(plan: ComparePlan, *, on_done: Callable[[Job, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Run every job of the plan in order; `on_done(job, result)` after each. Returns the results in plan order."""
+    """Tune each strategy's lr-max (when the plan has a grid), then run every job of the plan in order.
+
+    `on_done(job, result)` after each job, tuning runs included. Returns the real runs'
+    results in plan order; the tuning is in `plan_tuned` (set here) for the report.
+    """
+    from fedrad.lab.lr_tuning import carve_validation, choose_lr, tuning_summary, validation_auc
+
     quiet_flower()
+    chosen: dict[str, float] = {}
+    if plan.tuning:
+        carve_validation(Path(plan.base.data_dir), plan.tuning_data, seed=plan.base.seed)
+        scores: dict[str, dict[float, float]] = {}
+        for job in plan.tuning:
+            result = run_job(job)
+            scores.setdefault(job.name, {})[float(job.config["lr-max"])] = validation_auc(result)
+            if on_done:
+                on_done(job, result)
+        chosen = {name: choose_lr(by_lr) for name, by_lr in scores.items()}
+        plan.tuned = tuning_summary(plan.lr_grid, scores, chosen)
+        log.info("lr-max chosen on the validation split: %s", ", ".join(f"{k} {v:g}" for k, v in chosen.items()))
     results = []
     for job in plan.jobs:
+        name = plan.loso_bn_mode if job.kind == "loso" else job.name  # leave-one-out: its federation's strategy
+        if name in chosen:
+            job = dataclasses.replace(job, config={**job.config, "lr-max": chosen[name]})
         results.append(run_job(job))
         if on_done:
             on_done(job, results[-1])

@@ -59,7 +59,8 @@ def summarize_strategy(spec: Any, runs: dict[int, dict[str, Any]], sites: list[s
         row["bytes_sent_per_round"] = None if any(b is None for b in sent) else round(float(np.mean(sent)))
         rows.append(row)
     entry: dict[str, Any] = {"strategy": spec.name, "description": spec.what, "config_changes": spec.changes,
-                             "sites": rows, "seeds": seeds}
+                             "sites": rows, "seeds": seeds,
+                             "lr_chosen": runs[seeds[0]].get("lr_chosen") if seeds else None}
     for metric in METRICS:  # the mean over sites, per seed, then mean ± sd over seeds
         per_seed_mean = [float(np.nanmean([_num(s[metric]) for s in runs[seed]["sites"]])) for seed in seeds]
         entry[f"mean_{metric}"], entry[f"mean_{metric}_sd"] = mean_sd(per_seed_mean)
@@ -154,6 +155,7 @@ def summarize(plan: ComparePlan, results: list[dict[str, Any]], *, wall_seconds:
         "most_shifted_sites": shifted,
         "scanners": [{k: s[k] for k in ("name", "n_patients", "prevalence", "spacing_mm", "noise_hu", "kernel",
                                          "hu_offset")} for s in truth["sites"]] if truth else None,
+        "lr_tuning": plan.tuned,  # {} when the rates were not tuned (--no-tune)
         "wall_seconds": round(wall_seconds, 1),
         "results": results,  # every job's raw result, per seed
     }
@@ -188,7 +190,7 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]], lis
     """Header, cells and a best-in-column mask for the strategy table (shared by markdown and rich)."""
     sites = summary["sites"]
     header = ["strategy", *[f"{s} AUC" for s in sites], "mean AUC", "mean bal. acc.", "mean ECE", "bytes/round",
-              "wall s/run"]
+              "wall s/run", "lr-max"]
     columns: list[tuple[list[float | None], bool]] = []  # (values per run, higher is better)
     cells = []
     for run in summary["runs"]:
@@ -201,6 +203,7 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]], lis
         sent = [s["bytes_sent_per_round"] for s in run["sites"]]
         row.append("images move" if any(b is None for b in sent) else f"{int(np.mean(sent)):,}")
         row.append(f"{run['wall_seconds']:.0f}")
+        row.append("–" if run.get("lr_chosen") is None else f"{run['lr_chosen']:g}")
         cells.append(row)
     for i in range(len(sites)):
         columns.append(([r["sites"][i]["auc"] for r in summary["runs"]], True))
@@ -237,6 +240,19 @@ def to_markdown(summary: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(f"**{c}**" if b else c for c, b in zip(row, mask)) + " |")
     lines += ["", "| strategy | what it is |", "|---|---|"]
     lines += [f"| {r['strategy']} | {r['description']} |" for r in summary["runs"]]
+    tuned = summary.get("lr_tuning") or {}
+    if tuned:
+        grid = next(iter(tuned.values()))["grid"]
+        lines += ["", "## lr-max chosen on a validation split", "",
+                  "Each strategy ran once per rate (first seed) on a copy of the data whose validation rows (25 % "
+                  "of each site's labelled training rows) stand in for the test split; the rate with the best mean "
+                  "validation AUC over sites was used for every seed above. The test split took no part.", "",
+                  "| strategy | " + " | ".join(f"{lr:g}" for lr in grid) + " | chosen |",
+                  "|---|" + "---:|" * (len(grid) + 1)]
+        lines += [f"| {name} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in t["validation_auc"])
+                  + f" | {t['lr_chosen']:g} |" for name, t in tuned.items()]
+    else:
+        lines += ["", "Every strategy ran at the config's lr-max (not tuned: `--no-tune`)."]
     if summary["leave_one_out"]:
         mode = summary["loso_bn_mode"]
         lines += ["", f"## Leave-one-site-out ({mode} federation without the site)", "",
