@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrad.common.config import RunConfig
+from fedrad.server.report_html import write_html
 from fedrad.server.label_shift import markdown_section, site_fields, training_prior
 from fedrad.server.shift_report import harmonization_markdown
 from fedrad.server.strategy import SiteLog
@@ -113,10 +114,12 @@ def plot_history(report: dict[str, Any], path: Path) -> None:
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:
-    """Write report.json, report.md and report.png into out_dir; return the json path."""
+    """Write report.json, report.md, report.png and report.html into out_dir; return the json path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.json"
     path.write_text(json.dumps(report, indent=2))
-    (out_dir / "report.md").write_text(to_markdown(report))
+    markdown = to_markdown(report)
+    (out_dir / "report.md").write_text(markdown)
     plot_history(report, out_dir / "report.png")
+    write_html(report, markdown, out_dir)  # report.html: the same, self-contained (plots embedded)
     return path
