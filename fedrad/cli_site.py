@@ -236,8 +236,8 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
                    help="which labels.csv rows to score (train includes unlabelled rows; default all)")
     p.add_argument("--explain", action="store_true",
                    help="Grad-CAM per image: OUT/gradcam/<image>.png (overlay) and .npy (the map)")
-    p.add_argument("--layer", default="block11", help="Grad-CAM layer: block11 (6x6 at 96 px, default), block15, "
-                                                      "block16, head (3x3)")
+    p.add_argument("--layer", default="block15", help="Grad-CAM layer: block15 (default: localised best in the "
+                                                      "layer study), block11 (6x6 at 96 px), block13, block16, head")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="AUC with a patient-bootstrap 95%% CI, calibration, sensitivity/specificity",
