@@ -9,6 +9,12 @@ scalar aggregates only, after the egress whitelist has checked the reply.
 Before round 1 the coordinator may query the site (`query`): for its HU histogram and
 spacing summary (the federated intensity reference), then for its feature moments on raw
 and harmonised inputs (the shift score). Aggregates only, whitelisted like every reply.
+
+The site decides what leaves (`fedrad.client.policy`): the run must be inside its policy,
+the whitelist comes from the policy and the site's own model (never from the message),
+every aggregate of fewer than `min-count` images is withheld with a code, every reply is
+written to the site's egress log (`fedrad.client.egress_log`), and any failure becomes a
+coded reply with no text (`fedrad.client.refusals`).
 """
 
 from __future__ import annotations
@@ -21,21 +27,26 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedrad.client import egress_log
 from fedrad.client.cache import cache_folder
-from fedrad.client.dataset import SiteData
+from fedrad.client.dataset import SiteData, SiteDataError
 from fedrad.client.deploy_eval import load_audit
+from fedrad.client.dp_noise import clip_and_noise
 from fedrad.client.features import SiteInputs, site_inputs
 from fedrad.client.local_state import LocalStateStore
 from fedrad.client.moments import feature_moments, pretrained_moments
 from fedrad.client.outputs import SiteOutputs
+from fedrad.client.policy import PolicyRefused, SitePolicy, SmallCount, site_policy
 from fedrad.client.reference import load_inputs, site_intensity
+from fedrad.client.refusals import guarded
 from fedrad.client.site_shift import evaluate_site
 from fedrad.client.train import fit, pick_device
 from fedrad.common.config import RunConfig
-from fedrad.common.efficientnet_lite import EfficientNetLite0
+from fedrad.common.efficientnet_lite import NUM_FEATURES, EfficientNetLite0
 from fedrad.common.egress import EgressPolicy, aggregate_records, check_egress
 from fedrad.common.feature_shift import Moments
-from fedrad.common.finetune import local_keys, site_bn_stat_keys
+from fedrad.common.feature_shift import projection as own_projection
+from fedrad.common.finetune import local_keys, shared_keys, site_bn_stat_keys
 from fedrad.common.labelshift import logit_adjustment
 from fedrad.common.model import build_model
 from fedrad.common.records import (
@@ -49,9 +60,11 @@ from fedrad.common.records import (
     HISTOGRAM,
     INTENSITY,
     LABEL_SHIFT,
+    LABEL_SHIFT_METRICS,
     METRICS,
     MOMENTS,
     N_FEATURES,
+    NOT_RUN_CONFIG,
     NUM_EXAMPLES,
     PROJECTION,
     QUERY_KIND,
@@ -61,6 +74,7 @@ from fedrad.common.records import (
     REFERENCE_METRICS,
     SITE,
     TRAIN_METRICS,
+    WITHHELD,
     describe,
     from_array_record,
     from_numpy,
@@ -81,11 +95,11 @@ def site_folder(context: Context, cfg: RunConfig) -> Path:
     if "data-dir" in context.node_config:
         return Path(str(context.node_config["data-dir"]))
     if "partition-id" not in context.node_config or not cfg.data_dir:
-        raise ValueError("This site has no data: start the SuperNode with --node-config \"data-dir='/path/to/site'\".")
+        raise SiteDataError("This site has no data: start the SuperNode with --node-config \"data-dir='/path/to/site'\".")
     sites = discover_sites(Path(cfg.data_dir))
     pid = int(context.node_config["partition-id"])
     if pid >= len(sites):
-        raise ValueError(f"partition-id {pid} but {cfg.data_dir} holds only {len(sites)} site folders.")
+        raise SiteDataError(f"partition-id {pid} but {cfg.data_dir} holds only {len(sites)} site folders.")
     return sites[pid]
 
 
@@ -124,18 +138,59 @@ def reference_arrays(msg: Message) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in msg.content[REFERENCE].items()} if REFERENCE in msg.content else {}
 
 
-def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, EfficientNetLite0, SiteInputs]:
-    """Config from the message, the site's data, the model with shared + local weights, its inputs."""
+def site_setup(msg: Message, context: Context) -> tuple[RunConfig, Path, str, Path, SitePolicy]:
+    """The run config (same fedrad version), the site's folder, name, work folder and policy; refuses a run
+    outside the policy."""
     cfg = RunConfig.from_run_config(run_config_of(msg.content[CONFIG]))
     folder = site_folder(context, cfg)
     name = own_name(context, folder)
-    work = work_folder(context, cfg, name)
+    policy = site_policy(dict(context.node_config), folder)
+    policy.check(cfg)
+    return cfg, folder, name, work_folder(context, cfg, name), policy
+
+
+def where(msg: Message, context: Context):  # noqa: ANN201 - (work folder, egress-log writer), for `guarded`
+    """Where a refusal is written: the site's work folder and egress log, as far as the message lets us know."""
+    record = msg.content[CONFIG]
+    cfg = RunConfig.from_run_config({k: v for k, v in record.items() if k not in NOT_RUN_CONFIG})
+    folder = site_folder(context, cfg)
+    work = work_folder(context, cfg, own_name(context, folder))
+    policy = site_policy(dict(context.node_config), folder)
+
+    def note(refused: dict) -> None:
+        egress_log.append(work, run=context.run_id, server_round=_round(msg), kind=msg.metadata.message_type,
+                          policy_sha256=policy.sha256(), refused=refused)
+
+    return work, note
+
+
+def _round(msg: Message) -> int | None:
+    value = msg.content[CONFIG].get("server-round") if CONFIG in msg.content else None
+    return int(value) if isinstance(value, (int, float)) else None
+
+
+def own_shared_shapes(model: EfficientNetLite0, cfg: RunConfig) -> dict[str, tuple[int, ...]]:
+    """The names and shapes this site shares under the run's bn-mode, from its own model."""
+    state = model.state_dict()
+    return {k: tuple(state[k].shape) for k in shared_keys(model, cfg.bn_mode)}
+
+
+def prepare(msg: Message, context: Context
+            ) -> tuple[RunConfig, SiteData, EfficientNetLite0, SiteInputs, SitePolicy, Path]:
+    """Config from the message, the site's data, the model with shared + local weights, its inputs, policy, work."""
+    cfg, folder, name, work, policy = site_setup(msg, context)
     data = load_inputs(cfg, folder, reference_arrays(msg).get(REFERENCE_HISTOGRAM), site=name,
                        cache_dir=cache_folder(work))
     data.name = name
     device = pick_device(cfg.device)
     model = build_model(cfg, device)
     inputs = site_inputs(model, cfg, data, work, device)
+    sent = {k: tuple(a.shape) for k, a in msg.content[ARRAYS].items()}
+    if sent != own_shared_shapes(model, cfg):  # the coordinator may set only what this site shares
+        raise PolicyRefused(f"site {data.name}: the coordinator's arrays differ from what this site shares under "
+                            f"bn-mode {cfg.bn_mode}, freeze-blocks {cfg.freeze_blocks}: extra "
+                            f"{sorted(set(sent) - set(own_shared_shapes(model, cfg)))[:5]}, missing "
+                            f"{sorted(set(own_shared_shapes(model, cfg)) - set(sent))[:5]}, or other shapes")
     state = from_array_record(msg.content[ARRAYS])
     local = load_local_state(msg, context, cfg, data.name)
     if local is not None:
@@ -144,33 +199,37 @@ def prepare(msg: Message, context: Context) -> tuple[RunConfig, SiteData, Effici
     if unexpected:
         raise ValueError(f"site {data.name}: the coordinator sent weights this model does not have: {unexpected[:5]}; "
                          "coordinator and site must run the same fedrad version and config.")
-    return cfg, data, model, inputs
+    return cfg, data, model, inputs, policy, work
 
 
-def reply(msg: Message, data: SiteData, arrays: ArrayRecord | None, metrics: dict[str, float],
+def reply(msg: Message, context: Context, data: SiteData, policy: SitePolicy, work: Path,
+          own_shapes: dict[str, tuple[int, ...]], arrays: ArrayRecord | None, metrics: dict[str, float],
           bn_stats: ArrayRecord | None = None, bn_shapes: dict[str, tuple[int, ...]] | None = None,
-          moments: Moments | None = None, shift_dim: int = 0) -> Message:
-    """Wrap the reply and pass it through the egress whitelist before it may leave.
+          moments: Moments | None = None, shift_dim: int = 0, withheld: dict[str, str] | None = None) -> Message:
+    """Wrap the reply, pass it through the site's own whitelist, and write it to the egress log.
 
-    `bn_shapes` (from the site's own model) whitelists the BN statistics record by name and shape;
-    `moments` go in the `moments` record, whitelisted by `shift_dim`.
+    `own_shapes` and `bn_shapes` come from the site's own model, never from the message;
+    `moments` go in the `moments` record, whitelisted by `shift_dim`; `withheld` names the
+    aggregates the site chose not to send, with their codes.
     """
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": data.name})})
+    if withheld:
+        content[WITHHELD] = ConfigRecord(dict(withheld))
     allowed = TRAIN_METRICS
     if arrays is not None:
         content[ARRAYS] = arrays
     else:
-        allowed = EVAL_METRICS
+        allowed = (*EVAL_METRICS, N_FEATURES)  # n-features: 0 when the site withholds its moments
     if bn_stats is not None:
         content[BN_STATS] = bn_stats
     records = {}
     if moments is not None:
         content[MOMENTS] = from_numpy(dict(zip(moment_keys(), (moments.mean, moments.cov))))
         records = aggregate_records("evaluate", shift_dim)
-        allowed = (*allowed, N_FEATURES)
-    incoming = {k: tuple(a.shape) for k, a in msg.content[ARRAYS].items()}
-    check_egress(describe(content), EgressPolicy.build(incoming, allowed, bn_shapes, records=records),
-                 site=data.name)
+    check_egress(describe(content), EgressPolicy.build(own_shapes if arrays is not None else {}, allowed, bn_shapes,
+                                                       records=records), site=data.name)
+    egress_log.append(work, run=context.run_id, server_round=_round(msg), kind=msg.metadata.message_type,
+                      policy_sha256=policy.sha256(), content=content)
     return Message(content=content, reply_to=msg)
 
 
@@ -184,9 +243,14 @@ def write_summary(context: Context, cfg: RunConfig, data: SiteData, extra: dict[
 
 
 @app.train()
+@guarded("train", where)
 def train(msg: Message, context: Context) -> Message:
-    cfg, data, model, inputs = prepare(msg, context)
+    cfg, data, model, inputs, policy, work = prepare(msg, context)
     server_round = int(msg.content[CONFIG]["server-round"])
+    if len(data.y_train) < policy.min_count:
+        raise SmallCount(f"site {data.name}: {len(data.y_train)} labelled training images, fewer than the "
+                         f"policy's min-count {policy.min_count}: no update is sent")
+    received = {k: v.clone() for k, v in model.state_dict().items() if k in own_shared_shapes(model, cfg)}
     counts = np.bincount(data.y_train, minlength=len(CLASS_COUNTS))  # the site's prior, and its share of π_train
     stats = fit(model, inputs.train, data.y_train, cfg, seed=cfg.seed * 10_000 + server_round,
                 device=pick_device(cfg.device),
@@ -197,17 +261,32 @@ def train(msg: Message, context: Context) -> Message:
     write_summary(context, cfg, data, {"round": server_round, **stats, "cache-hits": inputs.cache_hits,
                                        "cache-misses": inputs.cache_misses})
     metrics = {NUM_EXAMPLES: len(data.y_train), "n-train": len(data.y_train), "n-test": len(data.y_test),
-               "n-skipped": len(data.skipped), BN_SAMPLES: len(data.y_train), **stats,
-               **dict(zip(CLASS_COUNTS, map(int, counts)))}
+               "n-skipped": len(data.skipped), BN_SAMPLES: len(data.y_train), **stats}
+    withheld = {}
+    if all(c == 0 or c >= policy.min_count for c in counts):  # a class cell of 1..min-count-1 images is not sent
+        metrics.update(zip(CLASS_COUNTS, map(int, counts)))
+    else:
+        withheld["class-counts"] = "small-count"
     bn_keys = site_bn_stat_keys(model)  # the BN layers fit() re-estimated on this site's training images
-    bn_stats = to_array_record(state, bn_keys) if bn_keys else None
-    return reply(msg, data, to_array_record(state, list(msg.content[ARRAYS].keys())), metrics,
-                 bn_stats, {k: tuple(state[k].shape) for k in bn_keys})
+    bn_stats = to_array_record(state, bn_keys) if bn_keys and policy.send_bn_stats else None
+    if bn_keys and not policy.send_bn_stats:
+        withheld["bn-stats"] = "policy-refused"
+        metrics.pop(BN_SAMPLES)
+    shared = to_array_record(state, list(received))
+    if cfg.dp_clip > 0:  # site-level differential privacy on the update of the shared tensors
+        noisy, norm = clip_and_noise(state, received, clip=cfg.dp_clip, noise=cfg.dp_noise)
+        shared = to_array_record(noisy, list(received))
+        log.info("site %s: round %d update norm %.3g clipped to %.3g, noise multiplier %.3g", data.name, server_round,
+                 norm, cfg.dp_clip, cfg.dp_noise)
+    return reply(msg, context, data, policy, work, own_shared_shapes(model, cfg), shared, metrics,
+                 bn_stats, {k: tuple(state[k].shape) for k in bn_keys} if bn_stats is not None else None,
+                 withheld=withheld)
 
 
 @app.evaluate()
+@guarded("evaluate", where)
 def evaluate_(msg: Message, context: Context) -> Message:
-    cfg, data, model, inputs = prepare(msg, context)
+    cfg, data, model, inputs, policy, work = prepare(msg, context)
     final = int(msg.content[CONFIG]["server-round"]) >= cfg.num_server_rounds
     outputs = SiteOutputs(model, inputs, pick_device(cfg.device))
     work = work_folder(context, cfg, data.name)
@@ -216,41 +295,108 @@ def evaluate_(msg: Message, context: Context) -> Message:
                        device=pick_device(cfg.device)) if final and cfg.label_shift else None
     metrics = evaluate_site(model, outputs, data, cfg, prior_train=training_prior(msg), final=final,
                             work_dir=work, audit=audit)
+    metrics, withheld = suppress_small_counts(metrics, data, policy)
     projection = reference_arrays(msg).get(PROJECTION)
+    own = (data, policy, work, {})
     if projection is None:
-        return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics})
-    moments = feature_moments(outputs.features("train", "test"), projection, site=data.name)
+        return reply(msg, context, *own, None, {NUM_EXAMPLES: len(data.y_test), **metrics}, withheld=withheld)
+    refused = moments_refusal(projection, cfg, policy)
+    moments = None
+    if refused:
+        withheld["moments"] = refused
+    else:
+        moments = feature_moments(outputs.features("train", "test"), projection, site=data.name,
+                                  min_count=policy.moments_min_count(cfg.shift_dim))
+        if moments is None:
+            withheld["moments"] = "small-count"
     metrics[N_FEATURES] = 0 if moments is None else moments.n
-    return reply(msg, data, None, {NUM_EXAMPLES: len(data.y_test), **metrics}, moments=moments,
-                 shift_dim=cfg.shift_dim)
+    return reply(msg, context, *own, None, {NUM_EXAMPLES: len(data.y_test), **metrics}, moments=moments,
+                 shift_dim=cfg.shift_dim, withheld=withheld)
+
+
+TEST_METRICS = ("auc", "balanced-accuracy", "ece", "test-loss")
+
+
+def suppress_small_counts(metrics: dict[str, float], data: SiteData, policy: SitePolicy
+                          ) -> tuple[dict[str, float], dict[str, str]]:
+    """The evaluation metrics this site may send, and what it withholds and why.
+
+    Test metrics need `min-count` test images; label-shift scalars also need the policy's
+    consent, and those estimated on the unlabelled pool (EM, BBSE) need `min-count` of them.
+    """
+    out, withheld = dict(metrics), {}
+    shift_keys = [k for k in out if k in LABEL_SHIFT_METRICS]
+    if len(data.y_test) < policy.min_count:
+        for key in [*TEST_METRICS, *shift_keys]:
+            out.pop(key, None)
+        withheld["test-metrics"] = "small-count"
+        if shift_keys:
+            withheld["label-shift"] = "small-count"
+    elif shift_keys and not policy.send_label_shift:
+        for key in shift_keys:
+            out.pop(key)
+        withheld["label-shift"] = "policy-refused"
+    elif shift_keys and len(data.x_unlabelled) < policy.min_count:
+        for key in ("prior-em", "prior-bbse"):
+            out.pop(key, None)
+    return out, withheld
+
+
+def moments_refusal(projection: np.ndarray, cfg: RunConfig, policy: SitePolicy) -> str | None:
+    """Why this site sends no feature moments for this projection (None: it may).
+
+    The site checks the projection it is given: moments must be allowed, the dimension within
+    its maximum, and the matrix exactly the orthonormal projection the run config's seed draws
+    (so a coordinator cannot aim it at chosen directions of the feature space).
+    """
+    if not policy.send_moments or cfg.shift_dim > policy.max_shift_dim:
+        return "policy-refused"
+    expected = own_projection(NUM_FEATURES, cfg.shift_dim, seed=cfg.seed)
+    if projection.shape != expected.shape or not np.allclose(projection, expected, atol=1e-6):
+        return "policy-refused"
+    return None
 
 
 @app.query()
+@guarded("query", where)
 def query(msg: Message, context: Context) -> Message:
     """Before round 1: the site's intensity histogram + spacing summary, or its feature moments."""
-    cfg = RunConfig.from_run_config(run_config_of(msg.content[CONFIG]))
+    cfg, folder, name, work, policy = site_setup(msg, context)
     kind = str(msg.content[CONFIG].get(QUERY_KIND, ""))
     if kind not in QUERY_KINDS:
-        raise ValueError(f"Unknown query {kind!r}; this site answers {QUERY_KINDS}.")
-    folder = site_folder(context, cfg)
-    name = own_name(context, folder)
+        raise PolicyRefused(f"Unknown query {kind!r}; this site answers {QUERY_KINDS}.")
+    site = (context, name, kind, cfg, policy, work)
     if kind == "reference":
-        own = site_intensity(folder, cfg, site=name, cache_dir=cache_folder(work_folder(context, cfg, name)))
+        if not policy.send_histogram:
+            return query_reply(msg, *site, {}, {}, (), {"histogram": "policy-refused"})
+        own = site_intensity(folder, cfg, site=name, cache_dir=cache_folder(work))
+        if (own.n_images if cfg.spacing_mm > 0 else own.n_spacings) < policy.min_count:
+            return query_reply(msg, *site, {}, {}, (), {"histogram": "small-count"})
         records = {INTENSITY: from_numpy({HISTOGRAM: own.counts})} if cfg.spacing_mm > 0 else {}
-        return query_reply(msg, name, kind, cfg, records, own.metrics(), REFERENCE_METRICS)
+        return query_reply(msg, *site, records, own.metrics(), REFERENCE_METRICS)
     reference = reference_arrays(msg)
-    arrays, n_features = pretrained_moments(cfg, folder, work_folder(context, cfg, name), reference.get(PROJECTION),
-                                            reference.get(REFERENCE_HISTOGRAM), site=name)
+    projection = reference.get(PROJECTION)
+    refused = "policy-refused" if projection is None else moments_refusal(projection, cfg, policy)
+    if refused:
+        return query_reply(msg, *site, {}, {N_FEATURES: 0}, (N_FEATURES,), {"moments": refused})
+    arrays, n_features = pretrained_moments(cfg, folder, work, projection, reference.get(REFERENCE_HISTOGRAM),
+                                            site=name, min_count=policy.moments_min_count(cfg.shift_dim))
     records = {MOMENTS: from_numpy(arrays)} if arrays else {}
-    return query_reply(msg, name, kind, cfg, records, {N_FEATURES: n_features}, (N_FEATURES,))
+    return query_reply(msg, *site, records, {N_FEATURES: n_features}, (N_FEATURES,),
+                       {} if arrays else {"moments": "small-count"})
 
 
-def query_reply(msg: Message, name: str, kind: str, cfg: RunConfig, records: dict[str, ArrayRecord],
-                metrics: dict[str, float], allowed: tuple[str, ...]) -> Message:
-    """Wrap a query's aggregates and pass them through the egress whitelist before they may leave."""
+def query_reply(msg: Message, context: Context, name: str, kind: str, cfg: RunConfig, policy: SitePolicy,
+                work: Path, records: dict[str, ArrayRecord], metrics: dict[str, float], allowed: tuple[str, ...],
+                withheld: dict[str, str] | None = None) -> Message:
+    """Wrap a query's aggregates, pass them through the site's whitelist, and log them."""
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": name}), **records})
+    if withheld:
+        content[WITHHELD] = ConfigRecord(dict(withheld))
     check_egress(describe(content), EgressPolicy.build({}, allowed, records=aggregate_records(kind, cfg.shift_dim)),
                  site=name)
+    egress_log.append(work, run=context.run_id, server_round=None, kind=f"query:{kind}",
+                      policy_sha256=policy.sha256(), content=content)
     return Message(content=content, reply_to=msg)
 
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fedrad.client.policy import load_policy
 from fedrad.common.bundle import SiteBundle
 from fedrad.common.flower_tools import flower_binary, flower_env, toml_literal
 
 
 def supernode_command(bundle: SiteBundle, data_dir: Path, work_dir: Path, *, superlink: str | None = None,
-                      site: str | None = None, port: int = 9094, max_retries: int | None = None) -> list[str]:
-    """The `flower-supernode` command line of one site."""
+                      site: str | None = None, port: int = 9094, max_retries: int | None = None,
+                      policy: Path | None = None) -> list[str]:
+    """The `flower-supernode` command line of one site (`policy`: the site's policy file, checked here)."""
     bundle.check()
     env = bundle.env()
     site = site or env.get("FEDRAD_SITE")
@@ -33,8 +35,12 @@ def supernode_command(bundle: SiteBundle, data_dir: Path, work_dir: Path, *, sup
     if not (data_dir / "labels.csv").is_file():
         raise FileNotFoundError(f"{data_dir / 'labels.csv'} not found: --data must be this site's folder (DICOM "
                                 "files + labels.csv with columns image,label,split).")
-    node_config = " ".join([toml_literal("site-name", site), toml_literal("data-dir", str(data_dir)),
-                            toml_literal("work-dir", str(work_dir))])
+    parts = [toml_literal("site-name", site), toml_literal("data-dir", str(data_dir)),
+             toml_literal("work-dir", str(work_dir))]
+    if policy is not None:
+        load_policy(policy)  # refuse a bad policy file now, by name, rather than at the first message
+        parts.append(toml_literal("policy-file", str(Path(policy).resolve())))
+    node_config = " ".join(parts)
     argv = [flower_binary("flower-supernode"), "--superlink", superlink,
             "--root-certificates", str(bundle.ca_cert.resolve()),
             "--auth-supernode-private-key", str(bundle.node_key.resolve()),

@@ -32,17 +32,24 @@ from fedrad.common.records import HARMONIZED, RAW, moment_keys
 log = logging.getLogger("fedrad.site")
 
 
-def feature_moments(features: np.ndarray, projection: np.ndarray, *, site: str) -> Moments | None:
-    """Moments of the projected penultimate features (N, 1280), or None (logged) with too few images."""
-    if len(features) < MIN_SAMPLES:
+def feature_moments(features: np.ndarray, projection: np.ndarray, *, site: str,
+                    min_count: int = MIN_SAMPLES) -> Moments | None:
+    """Moments of the projected penultimate features (N, 1280), or None (logged) with fewer than `min_count` images.
+
+    The site's policy sets `min_count` (at least twice the projection's dimension: a
+    covariance of fewer images than that reveals the span of their features).
+    """
+    min_count = max(min_count, MIN_SAMPLES)
+    if len(features) < min_count:
         log.warning("site %s: only %d images, fewer than %d: it sends no feature moments (no shift score).",
-                    site, len(features), MIN_SAMPLES)
+                    site, len(features), min_count)
         return None
     return moments(features.astype(np.float64) @ np.asarray(projection, dtype=np.float64).T)
 
 
 def pretrained_moments(cfg: RunConfig, site_dir: Path, work_dir: Path, projection: np.ndarray | None,
-                       reference: np.ndarray | None, *, site: str) -> tuple[dict[str, np.ndarray], int]:
+                       reference: np.ndarray | None, *, site: str,
+                       min_count: int = MIN_SAMPLES) -> tuple[dict[str, np.ndarray], int]:
     """Moments of the pretrained model's features on raw (and, with harmonize on, harmonised) inputs.
 
     Returns the arrays to send (keys `raw/feature-mean`, ... `harmonized/feature-cov`) and the
@@ -60,7 +67,8 @@ def pretrained_moments(cfg: RunConfig, site_dir: Path, work_dir: Path, projectio
         data = load_inputs(variant, site_dir, reference, site=site, cache_dir=cache_folder(work_dir))
         model = build_model(cfg, device)
         inputs = site_inputs(model, cfg, data, work_dir, device)
-        found = feature_moments(SiteOutputs(model, inputs, device).features("train", "test"), projection, site=site)
+        found = feature_moments(SiteOutputs(model, inputs, device).features("train", "test"), projection, site=site,
+                                min_count=min_count)
         if found is not None:
             arrays.update(zip(moment_keys(prefix), (found.mean, found.cov)))
             n = found.n

@@ -68,19 +68,22 @@ class SiteIntensity:
         counts: int64 (N_BINS,) HU histogram of its training + unlabelled crops.
         n_images: Images counted in `counts`.
         n_constant: Crops left out because they were constant (blank images).
-        spacing_mm: (median, min, max) in mm over every image read (sqrt(row x col)).
+        spacing_mm: (median, 5th, 95th percentile) in mm over every image read (sqrt(row x col)); quantiles,
+            not extremes, so no single image's value is sent.
+        n_spacings: Images behind `spacing_mm` (what the small-count rule judges when only spacings are sent).
     """
 
     counts: np.ndarray
     n_images: int
     n_constant: int
     spacing_mm: tuple[float, float, float]
+    n_spacings: int = 0
 
     def metrics(self) -> dict[str, float]:
         """The scalar part of the reply (`fedrad.common.records.REFERENCE_METRICS`)."""
         median, low, high = self.spacing_mm
         return {"n-images": self.n_images, "n-pixels": int(self.counts.sum()), "n-constant": self.n_constant,
-                "spacing-median-mm": median, "spacing-min-mm": low, "spacing-max-mm": high}
+                "spacing-median-mm": median, "spacing-p05-mm": low, "spacing-p95-mm": high}
 
 
 _MEMO: dict[tuple, SiteIntensity] = {}
@@ -117,7 +120,8 @@ def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None,
             if path is not None:
                 site_store.write_npz(path, {"counts": own.counts, "n_images": np.array(own.n_images),
                                             "n_constant": np.array(own.n_constant),
-                                            "spacing_mm": np.array(own.spacing_mm)}, keep=MAX_KEPT)
+                                            "spacing_mm": np.array(own.spacing_mm),
+                                            "n_spacings": np.array(own.n_spacings)}, keep=MAX_KEPT)
         while len(_MEMO) >= MAX_MEMO:
             _MEMO.pop(next(iter(_MEMO)))
         _MEMO[key] = own
@@ -140,7 +144,7 @@ def _load_intensity(path: Path) -> SiteIntensity | None:
         with np.load(path, allow_pickle=False) as f:
             spacing = tuple(float(v) for v in f["spacing_mm"])
             return SiteIntensity(f["counts"].astype(np.int64), int(f["n_images"]), int(f["n_constant"]),
-                                 (spacing[0], spacing[1], spacing[2]))
+                                 (spacing[0], spacing[1], spacing[2]), int(f["n_spacings"]))
     except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as err:
         log.warning("ignoring the unreadable intensity file %s (%s); reading the site folder again", path, err)
         return None
@@ -159,7 +163,7 @@ def _measure(site_dir: Path, cropper: HUCrop, site: str, *, want_histogram: bool
         if keep_crops:  # harmonised inputs are made from them once the reference is known (`load_inputs`)
             remember_site(site_dir, data, fingerprint=fingerprint, cache_dir=inputs_cache)
     spacings = np.sqrt(np.prod(data.spacings_mm, axis=1)) if len(data.spacings_mm) else np.array([np.nan])
-    summary = (float(np.median(spacings)), float(np.min(spacings)), float(np.max(spacings)))
+    summary = (float(np.median(spacings)), float(np.quantile(spacings, 0.05)), float(np.quantile(spacings, 0.95)))
     counts = np.zeros_like(intensity_histogram(np.zeros(0)))
     crops = [c[0] for part in (data.x_train, data.x_unlabelled) for c in part] if want_histogram else []
     n_constant = n_images = 0
@@ -175,7 +179,7 @@ def _measure(site_dir: Path, cropper: HUCrop, site: str, *, want_histogram: bool
     if n_constant:
         _warn(f"site {site}: {n_constant} of its crops are constant (blank images?); they are left out of its "
               "intensity histogram (they still train).")
-    return SiteIntensity(counts, n_images, n_constant, summary)
+    return SiteIntensity(counts, n_images, n_constant, summary, len(data.spacings_mm))
 
 
 def _warn(message: str) -> None:

@@ -51,6 +51,10 @@ class RunConfig:
     round_timeout: float = 3600.0  # seconds the coordinator waits for replies in a round
     rejoin_wait: float = 60.0  # before a round, seconds to wait for a site lost in the last one to reconnect (0 = off)
     norm_outlier_factor: float = 10.0  # reject an update > this x the others' median distance from the global (0 = off)
+    weight_cap: float = 10.0  # a site's averaging weight is at most this x the round's median weight (0 = off)
+    dp_clip: float = 0.0  # differential privacy: clip each site's update of the shared tensors to this L2 norm (0 = off)
+    dp_noise: float = 1.0  # ... and add Gaussian noise of std dp-noise x dp-clip (the noise multiplier)
+    dp_delta: float = 1e-5  # the delta at which the report states the run's epsilon
     logit_adjust: float = 0.0  # tau of the logit-adjusted loss CE(logits + tau log pi_site); 1 with bn-mode=shared
     label_shift: bool = True  # last round: sites calibrate (BCTS), estimate their prior (EM, BBSE), correct, personalise
     personalise_steps: int = 50  # last round: L-BFGS steps fitting a site-only copy of the decision layer (0 = off)
@@ -62,12 +66,12 @@ class RunConfig:
     harmonize: str = "off"  # map each site's HU onto the federated reference: quantile | landmarks (Nyúl–Udupa) | median
     harmonize_split_hu: float = -1024.0  # > -1024: match below / above this HU separately (e.g. -400: lung vs tissue)
     shift_dim: int = 16  # shift score: feature moments in this many projected dimensions (0 = no shift score)
+    slice_mode: str = "largest"  # series rows: largest (axial slice of largest lesion area) | 2.5d | orthogonal
+    slab_mm: float = 5.0  # slice-mode 2.5d: the neighbour planes' distance from the lesion centre (mm)
 
     def __post_init__(self) -> None:
         check_freeze_blocks(self.freeze_blocks)
         checks = [
-    slice_mode: str = "largest"  # series rows: largest (axial slice of largest lesion area) | 2.5d | orthogonal
-    slab_mm: float = 5.0  # slice-mode 2.5d: the neighbour planes' distance from the lesion centre (mm)
             (self.num_server_rounds >= 1, "num-server-rounds must be >= 1"),
             (self.bn_mode in BN_MODES, f"bn-mode must be one of {BN_MODES}"),
             (self.lr_max > 0, "lr-max must be > 0"),
@@ -86,12 +90,18 @@ class RunConfig:
             (self.rejoin_wait >= 0, "rejoin-wait must be >= 0"),
             (self.norm_outlier_factor == 0 or self.norm_outlier_factor > 1,
              "norm-outlier-factor must be 0 (off) or > 1"),
+            (self.weight_cap == 0 or self.weight_cap >= 1, "weight-cap must be 0 (off) or >= 1"),
+            (self.dp_clip >= 0, "dp-clip must be >= 0 (0 = no differential privacy)"),
+            (self.dp_noise >= 0, "dp-noise must be >= 0"),
+            (0 < self.dp_delta < 1, "dp-delta must be in (0, 1)"),
             (self.logit_adjust >= 0, "logit-adjust must be >= 0"),
             (self.personalise_steps >= 0, "personalise-steps must be >= 0"),
             (self.personalise_l2 > 0, "personalise-l2 must be > 0"),
             (0 < self.disagreement_threshold <= 1, "disagreement-threshold must be in (0, 1]"),
             (self.harmonize in HARMONIZE, f"harmonize must be one of {HARMONIZE}"),
             (0 <= self.shift_dim <= 256, "shift-dim must be between 0 (off) and 256"),
+            (self.slice_mode in SLICE_MODES, f"slice-mode must be one of {SLICE_MODES}"),
+            (self.slab_mm > 0, "slab-mm must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -100,8 +110,6 @@ class RunConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Build from kebab-case keys; unknown keys and wrong types are refused by name."""
-            (self.slice_mode in SLICE_MODES, f"slice-mode must be one of {SLICE_MODES}"),
-            (self.slab_mm > 0, "slab-mm must be > 0"),
         by_key = {f.name.replace("_", "-"): f.name for f in fields(cls)}
         types = get_type_hints(cls)
         unknown = sorted(set(run_config) - set(by_key))

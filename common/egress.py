@@ -8,7 +8,10 @@ layers (aggregates over all the site's training images), again with exact shapes
 vector would be smuggled out. (5) A few named aggregate arrays in their own records, each
 with an exact name and shape (`records`): the HU histogram in the fixed bins and the
 projected feature moments (`common/harmonize.py`, `common/feature_shift.py`); their shapes
-do not depend on the number of images, so they cannot carry one row per image.
+do not depend on the number of images, so they cannot carry one row per image. (6) The
+`withheld` record: which of those aggregates the site chose not to send, each with a reason
+code. The site builds the policy from its own site policy and its own model
+(`fedrad.client.policy`), never from the coordinator's message.
 """
 
 from __future__ import annotations
@@ -17,7 +20,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from fedrad.common.harmonize import N_BINS
-from fedrad.common.records import HARMONIZED, HISTOGRAM, INTENSITY, MOMENTS, RAW, Description, moment_keys
+from fedrad.common.records import (
+    HARMONIZED,
+    HISTOGRAM,
+    INTENSITY,
+    MOMENTS,
+    RAW,
+    WITHHELD,
+    WITHHOLDABLE,
+    Description,
+    moment_keys,
+)
 
 
 class EgressError(RuntimeError):
@@ -72,7 +85,9 @@ CONFIG_TYPES = {"str", "int", "float", "bool"}
 
 def check_egress(description: Description, policy: EgressPolicy, *, site: str) -> None:
     """Raise EgressError naming the site and the offending record/key, or return None."""
-    allowed = {policy.array_record: "arrays", policy.metric_record: "metrics", policy.config_record: "config"}
+    allowed = {policy.array_record: "arrays", policy.metric_record: "metrics", policy.config_record: "config",
+               WITHHELD: "config"}
+    config_keys = {policy.config_record: policy.config, WITHHELD: frozenset(WITHHOLDABLE)}
     shapes = {policy.array_record: policy.arrays}
     if policy.bn_stats:
         allowed[policy.bn_record] = "arrays"
@@ -101,5 +116,5 @@ def check_egress(description: Description, policy: EgressPolicy, *, site: str) -
                     raise EgressError(f"site {site}: metric '{key}' must be a scalar, got {type_name}; refused.")
         else:
             for key, type_name in entries.items():
-                if key not in policy.config or type_name not in CONFIG_TYPES:
+                if key not in config_keys[name] or type_name not in CONFIG_TYPES:
                     raise EgressError(f"site {site}: config value '{key}' ({type_name}) is not on the whitelist.")

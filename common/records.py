@@ -26,6 +26,9 @@ LABEL_SHIFT = "label-shift"  # coordinator -> site (evaluate): the training prio
 REFERENCE = "reference"  # coordinator -> site: pooled HU histogram and/or the shift projection
 INTENSITY = "intensity"  # site -> coordinator (query): its HU histogram in the fixed bins
 MOMENTS = "moments"  # site -> coordinator: mean/covariance of its projected penultimate features
+WITHHELD = "withheld"  # site -> coordinator: {what: reason code} for each aggregate the site chose not to send
+# What a site may withhold (the keys of WITHHELD), each for a fixed reason code (fedrad.common.codes).
+WITHHOLDABLE = ("bn-stats", "class-counts", "test-metrics", "label-shift", "histogram", "moments")
 
 # Query messages (before round 1): run config plus what the coordinator asks for.
 QUERY_KIND = "fedrad-query"  # config key: one of QUERY_KINDS
@@ -57,8 +60,8 @@ LABEL_SHIFT_METRICS = (  # last round only (fedrad.common.shift_flags, fedrad.cl
 TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds", BN_SAMPLES, *CLASS_COUNTS)
 EVAL_METRICS = (NUM_EXAMPLES, "auc", "balanced-accuracy", "ece", "test-loss", *LABEL_SHIFT_METRICS)
 N_FEATURES = "n-features"  # images the feature moments were taken over
-REFERENCE_METRICS = ("n-images", "n-pixels", "n-constant", "spacing-median-mm", "spacing-min-mm",
-                     "spacing-max-mm")  # spacing summary and histogram counts of a reference-query reply
+REFERENCE_METRICS = ("n-images", "n-pixels", "n-constant", "spacing-median-mm", "spacing-p05-mm",
+                     "spacing-p95-mm")  # spacing summary and histogram counts of a reference-query reply
 
 # A description of a RecordDict: record name -> (kind, {key: shape tuple or value type name}).
 Description = dict[str, tuple[str, dict[str, object]]]

@@ -1,4 +1,4 @@
-"""The deployment subcommands of `fedrad`: provision, coordinator, register, site, submit.
+"""The deployment subcommands of `fedrad`: provision, coordinator, register, site, policy, audit, submit.
 
     fedrad provision --certs certs --name coord.example.org --site hospital-a --site hospital-b
     fedrad coordinator --certs certs --state /var/lib/fedrad --host 0.0.0.0
@@ -68,7 +68,7 @@ def cmd_site(args: argparse.Namespace) -> int:
     from fedrad.common.flower_tools import exec_flower, show
 
     argv = supernode_command(SiteBundle(args.bundle), args.data, args.work, superlink=args.superlink, site=args.site,
-                             port=args.port, max_retries=args.max_retries)
+                             port=args.port, max_retries=args.max_retries, policy=args.policy)
     if args.dry_run:
         print(show(argv))
         return 0
@@ -76,6 +76,43 @@ def cmd_site(args: argparse.Namespace) -> int:
     log.info("starting the site daemon (SuperNode) for %s", args.data)
     exec_flower(argv, daemon_env(args.work, args.threads))
     return 0  # not reached
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedrad.client.policy import load_policy, what_travels
+
+    policy = load_policy(args.file)
+    console = Console()
+    console.print(f"site policy: {policy.source} · sha256 {policy.sha256()}", soft_wrap=True)
+    for key, value in policy.as_dict().items():
+        console.print(f"  {key} = {value}")
+    console.print("")
+    console.print(what_travels(policy), soft_wrap=True, markup=False)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedrad.client import egress_log
+
+    entries = egress_log.read(args.work)
+    if not entries:
+        raise FileNotFoundError(f"{args.work / egress_log.LOG_FILE} not found or empty: nothing has left this site "
+                                "yet (or --work is not the site's work folder)")
+    console = Console()
+    for run, lines in egress_log.by_run(entries).items():
+        total = sum(e.get("bytes", 0) for e in lines)
+        table = Table(title=f"run {run} · {len(lines)} messages · {total:,} bytes left the site")
+        for column in ("round", "type", "what left (record: keys)", "withheld", "bytes", "policy"):
+            table.add_column(column, justify="right" if column in ("round", "bytes") else "left")
+        for entry in lines:
+            table.add_row(*egress_log.row(entry))
+        console.print(table)
+    return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -154,8 +191,29 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads per training process (default: all)")
     p.add_argument("--max-retries", type=int, default=None, help="give up after this many failed connection tries "
                                                                  "(default: retry forever)")
+    p.add_argument("--policy", type=Path, default=None,
+                   help="the site's policy (TOML): what it sends and takes part in (default: site-policy.toml in "
+                        "--data if present, else the documented defaults; see `fedrad policy`)")
     p.add_argument("--dry-run", action="store_true", help="print the flower-supernode command instead of running it")
     p.set_defaults(func=cmd_site)
+
+    p = sub.add_parser("policy", formatter_class=FMT, help="show a site policy: what the site will send",
+                       description="Read a site policy file (or the defaults), check it, and print every setting, "
+                                   "its SHA-256 (written with every line of the site's egress log) and the table of "
+                                   "what travels under it.",
+                       epilog="examples:\n  fedrad policy                                  # the defaults\n"
+                              "  fedrad policy --file /etc/fedrad/site-policy.toml")
+    p.add_argument("--file", type=Path, default=None, help="the policy file (default: none, the defaults)")
+    p.set_defaults(func=cmd_policy)
+
+    p = sub.add_parser("audit", formatter_class=FMT, help="show what left a site: its egress log, per run",
+                       description="Print the site's egress log (WORK/egress.jsonl) as one table per run: per "
+                                   "message, the records and keys that left (with their bytes), what the site "
+                                   "withheld and why, refusals by code, and the hash of the policy in force. "
+                                   "Every key's SHA-256 is in the log to check against what the coordinator got.",
+                       epilog="example:\n  fedrad audit --work /var/lib/fedrad-site")
+    p.add_argument("--work", type=Path, required=True, help="the site's work folder (`fedrad site --work`)")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("submit", formatter_class=FMT, help="start a training run on the deployed federation",
                        description="`flwr run` of this project on the coordinator. OUT (a path on the coordinator) "

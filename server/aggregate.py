@@ -89,3 +89,20 @@ def norm_outliers(distances: Sequence[float], factor: float) -> list[float | Non
         median = float(np.median(others))
         out.append(median if median > 0 and dist > factor * median else None)
     return out
+
+
+def capped_weights(weights: Sequence[float], cap: float) -> list[float]:
+    """Each weight at most `cap` x the median of the *other* weights (cap 0: unchanged).
+
+    Leave-one-out, like `norm_outliers`: a site claiming 1e12 examples cannot raise its own
+    yardstick, and the rule works with two sites. One site's share of the average is then at
+    most cap x median / (cap x median + the others' weights).
+    """
+    out = []
+    for i, weight in enumerate(weights):
+        others = [w for j, w in enumerate(weights) if j != i]
+        if cap <= 0 or not others:
+            out.append(float(weight))
+            continue
+        out.append(float(min(weight, cap * float(np.median(others)))))
+    return out

@@ -62,8 +62,11 @@ def run_federation(grid: Grid, cfg: RunConfig, truth: Mapping[str, Mapping[str, 
     bn_expected = spec_of(to_numpy(to_array_record(state, site_bn_stat_keys(model))))  # what sites report
     strategy = FedRadShift(broadcast=exchange.broadcast() if exchange is not None else None,
                            expected=spec_of(to_numpy(initial)), min_sites=cfg.min_sites,
-                           norm_outlier_factor=cfg.norm_outlier_factor, on_round=log_round, bn_expected=bn_expected)
+                           norm_outlier_factor=cfg.norm_outlier_factor, on_round=log_round, bn_expected=bn_expected,
+                           weight_cap=cfg.weight_cap)
     arrays = checkpoints.restore(strategy, initial)
+    if exchange is not None:  # the node -> site bindings made before round 1 hold for the run
+        strategy.node_names.update(exchange.names)
     restore_registry(strategy.bn_registry, Path(cfg.out_dir), checkpoints.done)
     run_config = config_record(cfg.to_run_config(), {FEDERATION_ID: checkpoints.federation_id})
     strategy.summary()

@@ -48,8 +48,9 @@ from fedrad.common.records import (
     from_numpy,
     moment_keys,
 )
+from fedrad.server.identity import IdentityRefused, bind
 from fedrad.server.rounds import registered_names
-from fedrad.server.strategy import site_name
+from fedrad.server.strategy import failure
 
 log = logging.getLogger("fedrad.coordinator")
 
@@ -58,7 +59,7 @@ log = logging.getLogger("fedrad.coordinator")
 class SiteReference:
     """What one site told the coordinator before round 1 (aggregates only)."""
 
-    spacing_mm: dict[str, float] = field(default_factory=dict)  # median / min / max
+    spacing_mm: dict[str, float] = field(default_factory=dict)  # median / p05 / p95
     n_images: int = 0
     histogram: np.ndarray | None = None
     excluded: str | None = None  # why its histogram is not in the reference
@@ -75,6 +76,7 @@ class Exchange:
     projection: np.ndarray | None = None  # (shift-dim, 1280); None with shift-dim 0
     sites: dict[str, SiteReference] = field(default_factory=dict)
     asked: dict[int, str] = field(default_factory=dict)  # node id -> name of the sites queried (round 1 waits for them)
+    names: dict[int, str] = field(default_factory=dict)  # node id -> the site name bound to it (`identity.bind`)
 
     def broadcast(self) -> ArrayRecord | None:
         """The REFERENCE record sent with every train/evaluate message (None when empty)."""
@@ -145,7 +147,7 @@ def query_sites(grid: Grid, cfg: RunConfig, kind: str, reference: ArrayRecord | 
     ok, failed = [], []
     for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
         if reply.has_error():
-            failed.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+            failed.append(f"node {reply.metadata.src_node_id}: {failure(reply)}")
             log.warning("%s query: %s", kind, failed[-1])
         else:
             ok.append(reply)
@@ -156,29 +158,43 @@ def query_sites(grid: Grid, cfg: RunConfig, kind: str, reference: ArrayRecord | 
     return ok
 
 
+def named(result: Exchange, replies: list[Message]) -> list[tuple[str, Message]]:
+    """(site, reply) for each reply whose declared name matches its node (`fedrad.server.identity`)."""
+    out = []
+    for reply in replies:
+        try:
+            out.append((bind(result.names, reply), reply))
+        except IdentityRefused as err:
+            log.warning("query reply refused: %s", err)
+    return out
+
+
 def exchange_reference(grid: Grid, cfg: RunConfig) -> Exchange:
     """Run the exchange described in the module docstring; return the resolved run."""
     result = Exchange(cfg, "configured")
+    result.names.update({node: name for node, name in registered_names(grid).items() if name})
     if cfg.spacing_mm == 0:
         summaries = {}
-        for reply in query_sites(grid, cfg, "reference", asked=result.asked):
+        for name, reply in named(result, query_sites(grid, cfg, "reference", asked=result.asked)):
             metrics = reply.content[METRICS]
-            summaries[site_name(reply)] = (float(metrics["spacing-median-mm"]), int(metrics["n-images"] or 1))
+            if "spacing-median-mm" in metrics:  # else withheld (the site's min-count)
+                summaries[name] = (float(metrics["spacing-median-mm"]), int(metrics.get("n-images", 0) or 1))
         result.cfg = cfg = cfg.replace(spacing_mm=choose_spacing(summaries))
         result.spacing_source = "median of the sites"
         log.info("reference spacing %.3g mm: the median of the sites' spacings", cfg.spacing_mm)
-    for reply in query_sites(grid, cfg, "reference", asked=result.asked):
+    for name, reply in named(result, query_sites(grid, cfg, "reference", asked=result.asked)):
         metrics = reply.content[METRICS]
-        site = result.sites.setdefault(site_name(reply), SiteReference())
-        site.spacing_mm = {k: float(metrics[f"spacing-{k}-mm"]) for k in ("median", "min", "max")}
-        site.n_images = int(metrics["n-images"])
+        site = result.sites.setdefault(name, SiteReference())
+        site.spacing_mm = {k: float(metrics[f"spacing-{k}-mm"]) for k in ("median", "p05", "p95")
+                           if f"spacing-{k}-mm" in metrics}  # withheld below the site's min-count
+        site.n_images = int(metrics.get("n-images", 0))
         if INTENSITY in reply.content:
             site.histogram = reply.content[INTENSITY][HISTOGRAM].numpy().astype(np.int64)
     _pool(result)
     if cfg.shift_dim > 0:
         result.projection = projection(NUM_FEATURES, cfg.shift_dim, seed=cfg.seed)
-        for reply in query_sites(grid, cfg, "shift", result.broadcast(), asked=result.asked):
-            site = result.sites.setdefault(site_name(reply), SiteReference())
+        for name, reply in named(result, query_sites(grid, cfg, "shift", result.broadcast(), asked=result.asked)):
+            site = result.sites.setdefault(name, SiteReference())
             if MOMENTS in reply.content:
                 arrays = {k: v.numpy() for k, v in reply.content[MOMENTS].items()}
                 n = int(reply.content[METRICS]["n-features"])

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from fedrad.common.config import RunConfig
-from fedrad.server.report_html import write_html
+from fedrad.common.dp import epsilon
 from fedrad.server.label_shift import markdown_section, site_fields, training_prior
+from fedrad.server.report_html import write_html
 from fedrad.server.shift_report import harmonization_markdown
 from fedrad.server.strategy import SiteLog
 
@@ -41,6 +42,8 @@ def site_row(site: SiteLog, truth: dict[str, Any] | None = None) -> dict[str, An
                      "train_loss": _clean(site.train.get(r, {}).get("train-loss", math.nan))}
                     for r, m in sorted(site.evaluate.items())],
         **site_fields(site.name, last_eval, truth),
+        # what the site kept back, over the run: aggregate -> reason code (its policy, or too few images)
+        "withheld": {what: code for r in sorted(site.withheld) for what, code in site.withheld[r].items()},
     }
 
 
@@ -61,7 +64,17 @@ def build_report(cfg: RunConfig, sites: dict[str, SiteLog], *, wall_seconds: flo
         "prior_train": None if prior is None else float(prior[1]),  # P(malignant) the federation trained on
         "rejected_updates": [{"round": r, "site": s, "reason": why} for r, s, why in rejected],
         "failed_replies": [{"round": r, "site": s, "reason": why} for r, s, why in failed],
+        **dp_fields(cfg, sites),
     }
+
+
+def dp_fields(cfg: RunConfig, sites: dict[str, SiteLog]) -> dict[str, Any]:
+    """With differential privacy on: its settings and epsilon at dp-delta over the rounds trained."""
+    if cfg.dp_clip <= 0:
+        return {}
+    rounds = max((max(s.train) for s in sites.values() if s.train), default=0)
+    return {"dp_clip": cfg.dp_clip, "dp_noise": cfg.dp_noise, "dp_delta": cfg.dp_delta, "dp_rounds": rounds,
+            "dp_epsilon": _clean(epsilon(cfg.dp_noise, rounds, cfg.dp_delta))}  # null: no noise, no guarantee
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -81,6 +94,15 @@ def to_markdown(report: dict[str, Any]) -> str:
     for s in report["sites"]:
         lines.append(f"| {s['name']} | {s['n_train']} | {s['n_test']} | {s['n_skipped']} | {_fmt(s['auc'])} | "
                      f"{_fmt(s['balanced_accuracy'])} | {_fmt(s['ece'])} | {s['bytes_sent_per_round']:,} |")
+    if "dp_epsilon" in report:
+        lines += ["", f"Differential privacy on the shared update: clip {report['dp_clip']:g}, noise multiplier "
+                      f"{report['dp_noise']:g}, {report['dp_rounds']} rounds: **epsilon {_fmt(report['dp_epsilon'])}** "
+                      f"at delta {report['dp_delta']:g} (site-level; BN statistics and other aggregates carry no "
+                      "noise)."]
+    withheld = [(s["name"], s["withheld"]) for s in report["sites"] if s.get("withheld")]
+    if withheld:
+        lines += ["", "## Withheld by the sites", ""] + [
+            f"- {name}: " + ", ".join(f"{what} ({code})" for what, code in sorted(kept.items())) for name, kept in withheld]
     for title, key in (("Rejected updates", "rejected_updates"), ("Failed replies", "failed_replies")):
         if report[key]:
             lines += ["", f"## {title}", ""] + [f"- round {e['round']}, {e['site']}: {e['reason']}" for e in report[key]]

@@ -63,13 +63,13 @@ def harmonization_markdown(section: dict[str, Any]) -> list[str]:
         "pretrained network at every site, on raw and on harmonised inputs (the effect of harmonisation "
         "alone). *Round*: the site's own model during the run.",
         "",
-        "| site | spacing mm (min–max) | HU p5 / p50 / p95 | shift pretrained raw | shift pretrained harmonised"
+        "| site | spacing mm (p5–p95) | HU p5 / p50 / p95 | shift pretrained raw | shift pretrained harmonised"
         f" | shift round {last or '–'} |",
         "|---|---|---|---:|---:|---:|",
     ]
     for s in section["sites"]:
         sp, it = s["spacing_mm"], s["intensity"]
-        spacing = f"{sp['median']:.2f} ({sp['min']:.2f}–{sp['max']:.2f})" if sp else "–"
+        spacing = f"{sp['median']:.2f} ({sp['p05']:.2f}–{sp['p95']:.2f})" if sp else "–"
         hu = f"{_fmt(it.get('p5_hu'), 4)} / {_fmt(it.get('p50_hu'), 4)} / {_fmt(it.get('p95_hu'), 4)}" if it else "–"
         if s["excluded"]:
             hu += f" (left out: {s['excluded']})"

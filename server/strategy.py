@@ -16,7 +16,12 @@ Sending is FedAvg's own (the same shared arrays and run config to every site). W
   the same validation, into the per-site BN registry (`fedrad.server.bn_registry`), whose pooled
   statistics serve sites never seen in training. They are never averaged into the model.
 - every evaluation carries the training prior formed from the sites' class counts
-  (`fedrad.server.label_shift`), the reference of each site's label-shift correction.
+  (`fedrad.server.label_shift`), the reference of each site's label-shift correction;
+- a site's influence is bounded: its example count may not grow past what it first
+  reported, its weight is at most `weight_cap` x the other sites' median weight, and the
+  outlier rule also judges each update's weighted contribution (weight x distance);
+- a reply counts for the site its node is bound to (`fedrad.server.identity`), and a failed
+  reply is recorded by its code only (`fedrad.common.codes`): no site's error text is kept.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedrad.common.codes import NAMES as CODE_NAMES
+from fedrad.common.codes import parse as parse_reason
 from fedrad.common.records import (
     ARRAYS,
     BN_SAMPLES,
@@ -38,7 +45,7 @@ from fedrad.common.records import (
     LABEL_SHIFT,
     METRICS,
     NUM_EXAMPLES,
-    SITE,
+    WITHHELD,
     from_numpy,
     payload_bytes,
     prior_record,
@@ -47,12 +54,14 @@ from fedrad.common.records import (
 from fedrad.server.aggregate import (
     ArraySpec,
     UpdateRejected,
+    capped_weights,
     norm_outliers,
     update_distance,
     validate_update,
     weighted_average,
 )
 from fedrad.server.bn_registry import BNRegistry, pool_shared_bn
+from fedrad.server.identity import IdentityRefused, bind, declared_name
 from fedrad.server.label_shift import training_prior
 
 log = logging.getLogger("fedrad.coordinator")
@@ -66,13 +75,19 @@ class SiteLog:
     train: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
     bytes_sent: dict[int, int] = field(default_factory=dict)  # train + evaluate replies of that round
+    withheld: dict[int, dict[str, str]] = field(default_factory=dict)  # round -> {aggregate: reason code}
 
 
-def site_name(msg: Message) -> str:
-    """The site's self-declared name, or its node id when the reply carries none."""
-    if SITE in msg.content and "name" in msg.content[SITE]:
-        return str(msg.content[SITE]["name"])
-    return f"node-{msg.metadata.src_node_id}"
+site_name = declared_name  # the name a reply declares (checked against its node by `FedRad.identify`)
+
+
+def failure(msg: Message) -> str:
+    """What the coordinator keeps of a failed reply: a known code and incident id, never free text."""
+    code = msg.error.code
+    if code in CODE_NAMES:
+        name, incident = parse_reason(code, msg.error.reason)
+        return f"{name} (incident {incident})" if incident else "internal"
+    return f"flower error {code}"  # Flower's own codes (lost node, crashed ClientApp); its text is not kept
 
 
 class FedRad(FedAvg):
@@ -80,7 +95,7 @@ class FedRad(FedAvg):
 
     def __init__(self, *, expected: dict[str, ArraySpec], min_sites: int = 2, norm_outlier_factor: float = 0.0,
                  on_round: Callable[[int, dict[str, SiteLog]], None] | None = None,
-                 bn_expected: dict[str, ArraySpec] | None = None) -> None:
+                 bn_expected: dict[str, ArraySpec] | None = None, weight_cap: float = 0.0) -> None:
         super().__init__(min_train_nodes=min_sites, min_evaluate_nodes=min_sites, min_available_nodes=min_sites,
                          weighted_by_key=NUM_EXAMPLES)
         self.expected = expected
@@ -94,6 +109,8 @@ class FedRad(FedAvg):
         self.node_names: dict[int, str] = {}  # node id -> site name, learnt from replies
         self.bn_expected = bn_expected or {}  # BN statistic name -> spec; {} = sites send none
         self.bn_registry = BNRegistry()
+        self.weight_cap = weight_cap
+        self.count_cap: dict[str, float] = {}  # site -> the most examples it may claim (its first report)
 
     def summary(self) -> None:
         n_values = sum(math.prod(s.shape) for s in self.expected.values())
@@ -119,17 +136,29 @@ class FedRad(FedAvg):
     def _site(self, name: str) -> SiteLog:
         return self.sites.setdefault(name, SiteLog(name))
 
-    def _ok_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+    def identify(self, msg: Message) -> str:
+        """The site this reply counts for: the name bound to its node (raises IdentityRefused)."""
+        return bind(self.node_names, msg)
+
+    def _ok_replies(self, server_round: int, replies: Iterable[Message]) -> list[tuple[str, Message]]:
+        """(site, reply) of every reply without an error from a node whose name checks out."""
         ok = []
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
-                reason = msg.error.reason
-                node = msg.metadata.src_node_id
+                reason = failure(msg)
                 self.failed.append((server_round, self.node_names.get(node, f"node-{node}"), reason))
-                log.warning("round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, reason)
-            else:
-                self.node_names[msg.metadata.src_node_id] = site_name(msg)
-                ok.append(msg)
+                log.warning("round %d: node %s failed: %s", server_round, node, reason)
+                continue
+            try:
+                name = self.identify(msg)
+            except IdentityRefused as err:
+                self._reject(server_round, f"node-{node}", str(err))
+                continue
+            if WITHHELD in msg.content:
+                withheld = {k: str(v) for k, v in msg.content[WITHHELD].items()}  # type: ignore[union-attr]
+                self._site(name).withheld.setdefault(server_round, {}).update(withheld)
+            ok.append((name, msg))
         return ok
 
     def _reject(self, server_round: int, name: str, reason: str) -> None:
@@ -158,8 +187,7 @@ class FedRad(FedAvg):
         losses = []
         candidates = []
         bn_of: dict[str, dict[str, np.ndarray]] = {}  # validated BN statistics per site
-        for msg in self._ok_replies(server_round, replies):
-            name = site_name(msg)
+        for name, msg in self._ok_replies(server_round, replies):
             try:
                 if ARRAYS not in msg.content or METRICS not in msg.content:
                     raise UpdateRejected(f"site {name}: reply lacks the '{ARRAYS}' or '{METRICS}' record.")
@@ -174,15 +202,19 @@ class FedRad(FedAvg):
         # By site name, not arrival order: float sums depend on order, and a run must not depend on which site
         # answered first (otherwise the same seed gives a different model whenever the timing differs).
         candidates.sort(key=lambda c: c[0])
-        for name, arrays, msg in self._drop_norm_outliers(server_round, candidates):
+        kept = self._drop_norm_outliers(server_round, candidates)
+        weights = capped_weights([self._claimed(server_round, name, msg) for name, _, msg in kept], self.weight_cap)
+        kept, weights = self._drop_heavy_contributions(server_round, kept, weights)
+        for (name, arrays, msg), weight in zip(kept, weights):
             metrics = dict(msg.content[METRICS])  # type: ignore[arg-type]
             site = self._site(name)
             site.train[server_round] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+            site.train[server_round]["weight"] = weight
             site.bytes_sent[server_round] = payload_bytes(msg.content)
             if bn_of.get(name):
                 self.bn_registry.update(name, server_round, bn_of[name], int(metrics[BN_SAMPLES]))  # type: ignore
-            accepted.append((arrays, float(metrics[NUM_EXAMPLES])))  # type: ignore[arg-type]
-            losses.append((float(metrics.get("train-loss", math.nan)), float(metrics[NUM_EXAMPLES])))  # type: ignore
+            accepted.append((arrays, weight))
+            losses.append((float(metrics.get("train-loss", math.nan)), weight))
         if len(accepted) < self.min_sites:
             log.warning("round %d: only %d valid updates (min-sites %d): the global model is kept unchanged.",
                         server_round, len(accepted), self.min_sites)
@@ -191,8 +223,39 @@ class FedRad(FedAvg):
         summary = MetricRecord({"train-loss": sum(l * w for l, w in losses) / n, "sites": len(accepted)})
         return from_numpy(pool_shared_bn(accepted, weighted_average(accepted))), summary  # bn-mode=shared: total var
 
+    def _claimed(self, server_round: int, name: str, msg: Message) -> float:
+        """The site's example count, never more than it first reported (a count may not grow during a run)."""
+        claimed = float(msg.content[METRICS][NUM_EXAMPLES])  # type: ignore[index, arg-type]
+        cap = self.count_cap.setdefault(name, claimed)
+        if claimed > cap:
+            log.warning("round %d: site %s claims %g examples, more than the %g it first reported; counted as %g",
+                        server_round, name, claimed, cap, cap)
+            return cap
+        return claimed
+
+    def _drop_heavy_contributions(self, server_round: int, kept: list, weights: list[float]) -> tuple[list, list]:
+        """The outlier rule on each update's weighted contribution (weight x distance), not its norm alone."""
+        if self.reference is None or self.norm_outlier_factor <= 0 or len(kept) < 2:
+            return kept, weights
+        contributions = [w * update_distance(arrays, self.reference) for (_, arrays, _), w in zip(kept, weights)]
+        out, out_weights = [], []
+        for item, weight, contribution, median in zip(kept, weights, contributions,
+                                                       norm_outliers(contributions, self.norm_outlier_factor)):
+            if median is None:
+                out.append(item)
+                out_weights.append(weight)
+            else:
+                self._reject(server_round, item[0], f"site {item[0]}: weighted contribution {contribution:.3g} "
+                             f"(weight x distance) is more than {self.norm_outlier_factor:g} x the other sites' "
+                             f"median {median:.3g} (norm-outlier-factor).")
+        return out, out_weights
+
     def _bn_stats(self, name: str, msg: Message, metrics: dict) -> dict[str, np.ndarray]:
-        """The reply's validated BN statistics ({} when this run expects none); raises UpdateRejected."""
+        """The reply's validated BN statistics ({} when this run expects none, or the site withheld them);
+        raises UpdateRejected."""
+        if self.bn_expected and BN_STATS not in msg.content and WITHHELD in msg.content \
+                and "bn-stats" in msg.content[WITHHELD]:
+            return {}  # the site's policy or its image count kept them at the site
         if not self.bn_expected:
             if BN_STATS in msg.content:
                 raise UpdateRejected(f"site {name}: sent a '{BN_STATS}' record this run does not expect.")
@@ -211,8 +274,7 @@ class FedRad(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rows = []
-        for msg in self._ok_replies(server_round, replies):
-            name = site_name(msg)
+        for name, msg in self._ok_replies(server_round, replies):
             if METRICS not in msg.content:
                 log.warning("round %d: site %s sent no metrics", server_round, name)
                 continue

@@ -116,7 +116,22 @@ def tiny_site(root: Path, *, name: str = "tiny", n_patients: int = 16, seed: int
               "manufacturer": "Siemens", **spec}
     (folder,) = generate(root, sites=[SiteSpec(name=name, n_patients=n_patients, **fields)], seed=seed,
                          image_size=image_size)
+    small_site_policy(root)
     return folder
+
+
+TEST_POLICY = "min-count = 2\n"  # the tests' tiny sites hold ~16 images, below the default min-count of 11
+
+
+def small_site_policy(root: Path, text: str = TEST_POLICY) -> None:
+    """Write a site policy that lets tiny test sites send their aggregates into every site folder under `root`.
+
+    A site reads `site-policy.toml` from its own data folder (simulation and deployment
+    alike); without it the default min-count (11) would withhold most of a tiny site's
+    aggregates. Tests of the small-count rule remove or rewrite the file.
+    """
+    for labels in Path(root).glob("*/labels.csv"):
+        (labels.parent / "site-policy.toml").write_text(text)
 
 
 def array_site(n: int = 12, size: int = 32, seed: int = 0) -> SiteData:
@@ -128,3 +143,17 @@ def array_site(n: int = 12, size: int = 32, seed: int = 0) -> SiteData:
     return SiteData(name="s", x_train=x, y_train=y, x_test=x[:4], y_test=y[:4],
                     x_unlabelled=np.zeros((0, 3, size, size), np.float32), spacings_mm=np.zeros((0, 2)),
                     keys_train=keys, keys_test=keys[:4])
+
+
+def site_reply(content, site: str, kind: str):  # noqa: ANN201 - a flwr Message
+    """A reply with `content` as it reaches the coordinator from the node of site `site`.
+
+    Each site name gets its own stable node id: the coordinator binds a name to the node
+    that first used it (`fedrad.server.identity`), as a deployment binds it to a key.
+    """
+    import zlib
+
+    from flwr.app import Message, RecordDict
+
+    node = zlib.crc32(site.encode()) % 10**9 + 1
+    return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type=kind))

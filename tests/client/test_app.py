@@ -1,5 +1,8 @@
 """The real ClientApp handlers on a tiny real site: what leaves the site, and what stays."""
 
+import json
+import re
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -67,11 +70,14 @@ def test_evaluate_reply_is_scalar_aggregates(tiny_site, tmp_path):
     assert set(out.content["metrics"].keys()) == {"num-examples", "auc", "balanced-accuracy", "ece", "test-loss"}
 
 
-def test_a_site_without_data_says_how_to_fix_it(tmp_path):
+def test_a_site_without_data_says_how_to_fix_it_in_its_own_log_and_only_a_code_leaves(tmp_path, caplog):
     cfg = RunConfig(out_dir=str(tmp_path))
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    with pytest.raises(ValueError, match="--node-config"):
-        site_app.train(message(cfg, "train"), context)
+    out = site_app.train(message(cfg, "train"), context)
+    assert out.has_error() and out.error.code == 100
+    assert re.fullmatch(r"site-data incident=[0-9a-f]{12}", out.error.reason)
+    incident = out.error.reason.split("=")[1]
+    assert f"incident {incident}" in caplog.text and "--node-config" in caplog.text  # the text stays at the site
 
 
 def test_last_round_evaluation_reports_label_shift_aggregates_only(tiny_site, tmp_path):
@@ -113,7 +119,13 @@ def test_a_coordinator_on_another_fedrad_version_is_refused_naming_both(tiny_sit
         msg.content["config"]["fedrad-version"] = theirs
     context = Context(run_id=1, node_id=1, node_config={"data-dir": str(tiny_site), "work-dir": str(tmp_path / "w")},
                       state=RecordDict(), run_config={})
-    with pytest.raises(VersionMismatch, match=f"coordinator runs fedrad {theirs or '.none sent'}.* site runs fedrad "
-                                              f"{__version__}"):
-        handler(msg, context)
-    assert not (tmp_path / "w").exists()  # refused before it read or wrote anything
+    out = handler(msg, context)
+    assert out.has_error() and out.error.reason.startswith("version-mismatch incident=")
+    assert out.error.code == 102 and "fedrad" not in out.error.reason  # a code, never the text
+    incidents = (tmp_path / "w" / "incidents.log").read_text()
+    assert re.search(f"{VersionMismatch.__name__}: the coordinator runs fedrad {theirs or '.none sent'}.* this site "
+                     f"runs fedrad {re.escape(__version__)}", incidents)
+    # refused before it read anything: only the incident and the refusal's line in the egress log
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["egress.jsonl", "incidents.log"]
+    (line,) = (tmp_path / "w" / "egress.jsonl").read_text().splitlines()
+    assert json.loads(line)["refused"]["code"] == "version-mismatch"

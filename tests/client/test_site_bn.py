@@ -33,7 +33,7 @@ def first_round(cfg, folder, tmp_path):
                          context)
     # what the coordinator sends next: some other average, here the reply moved by +0.5 everywhere
     global_next = {k: v + 0.5 for k, v in to_numpy(out.content[ARRAYS]).items()}
-    _, _, model, _ = site_app.prepare(message(cfg, from_numpy(global_next), 2), context)
+    _, _, model, *_ = site_app.prepare(message(cfg, from_numpy(global_next), 2), context)
     return context, global_next, model.state_dict(), out
 
 

@@ -9,6 +9,7 @@ import pytest
 from fedrad.lab.synth import SiteSpec, generate
 from fedrad.server.provision import provision
 from tests.deploy.deployment import Deployment
+from tests.helpers import small_site_policy
 
 SITES = ("a", "b", "c")
 
@@ -28,6 +29,7 @@ def site_data(tmp_path_factory) -> Path:
                       manufacturer="GE")
              for n, s, k, o in (("a", 0.7, "smooth", 0), ("b", 0.9, "sharp", 30), ("c", 0.8, "smooth", -20))]
     generate(root, sites=specs, seed=2, image_size=96)
+    small_site_policy(root)
     return root
 
 

@@ -10,6 +10,7 @@ from fedrad.common.config import RunConfig
 from fedrad.lab.compare import compare
 from fedrad.lab.compare_plan import plan_compare
 from fedrad.lab.synth import SiteSpec, generate
+from tests.helpers import small_site_policy
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +23,7 @@ def data(tmp_path_factory):
                                                                             (12, 0.9, "sharp", 40),
                                                                             (14, 0.8, "sharp", -20)])]
     generate(root, sites=specs, seed=5, image_size=96)
+    small_site_policy(root)
     return root
 
 

@@ -7,6 +7,7 @@ import pytest
 from fedrad.common.config import RunConfig
 from fedrad.lab.shift_study import run_shift_study, summarise, to_markdown
 from fedrad.lab.synth import SiteSpec, generate
+from tests.helpers import small_site_policy
 
 
 def fake_report(auc_b, pre_b, final_b):
@@ -43,6 +44,7 @@ def test_off_and_on_runs_through_the_simulation_engine(tmp_path):
     sites = [SiteSpec(name=n, n_patients=20, prevalence=0.5, spacing_mm=s, noise_hu=10, kernel=k, hu_offset=o,
                       manufacturer="GE") for n, s, k, o in [("h0", 0.7, "smooth", 0), ("h1", 0.9, "sharp", 150)]]
     generate(data, sites=sites, seed=2, image_size=96)
+    small_site_policy(data)
     cfg = RunConfig(num_server_rounds=1, local_epochs=1, batch_size=8, fov_mm=32.0, data_dir=str(data), shift_dim=8)
     study = run_shift_study(cfg, tmp_path / "out", seeds=[0], method="median", num_cpus=2, progress=lambda m: None)
     assert json.loads((tmp_path / "out" / "shift.json").read_text()) == study

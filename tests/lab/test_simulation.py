@@ -7,6 +7,7 @@ import pytest
 from fedrad.common.config import RunConfig
 from fedrad.lab.simulate import simulate
 from fedrad.lab.synth import SiteSpec, generate
+from tests.helpers import small_site_policy
 
 pytestmark = pytest.mark.slow
 
@@ -19,6 +20,7 @@ def tiny_sites():
 def test_two_round_simulation_writes_a_valid_report(tmp_path):
     data = tmp_path / "data"
     generate(data, sites=tiny_sites(), seed=2, image_size=96)
+    small_site_policy(data)
     cfg = RunConfig(num_server_rounds=2, local_epochs=1, batch_size=8, fov_mm=32.0, data_dir=str(data),
                     out_dir=str(tmp_path / "out"))
     report = simulate(cfg, num_cpus=2)

@@ -68,3 +68,12 @@ def test_norm_outliers_judge_each_update_against_the_others_median():
     assert norm_outliers([1.0, 50.0], 0.0) == [None, None]  # factor 0 = off
     assert norm_outliers([5.0], 10.0) == [None]  # nobody to compare with
     assert norm_outliers([0.0, 0.0, 3.0], 10.0) == [None, None, None]  # a zero yardstick judges nobody
+
+
+def test_capped_weights_bound_each_weight_by_the_others_median():
+    from fedrad.server.aggregate import capped_weights
+
+    assert capped_weights([100, 100, 1e12], 10) == [100, 100, 1000]
+    assert capped_weights([100, 1e12], 10) == [100, 1000]  # two sites: the other one is the yardstick
+    assert capped_weights([5, 7, 9], 10) == [5, 7, 9]
+    assert capped_weights([100, 1e12], 0) == [100, 1e12]  # off

@@ -14,6 +14,7 @@ from fedrad.server.aggregate import spec_of
 from fedrad.server.label_shift import markdown_section, site_fields, training_prior
 from fedrad.server.report import build_report, to_markdown
 from fedrad.server.strategy import FedRad
+from tests.helpers import site_reply
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -43,7 +44,7 @@ def train_reply(site: str, n0: int, n1: int) -> Message:
                           "metrics": MetricRecord({"num-examples": n0 + n1, "train-loss": 0.1, "n-class-0": n0,
                                                    "n-class-1": n1}),
                           "site": ConfigRecord({"name": site})})
-    return Message(content=content, dst_node_id=0, message_type="train")
+    return site_reply(content, site, "train")
 
 
 def test_every_evaluation_carries_the_training_prior_once_counts_are_known():

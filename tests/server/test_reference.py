@@ -14,6 +14,7 @@ from fedrad.common.records import from_numpy
 from fedrad.server.aggregate import spec_of
 from fedrad.server.reference import choose_spacing, exchange_reference, needed
 from fedrad.server.shift_tracking import FedRadShift
+from tests.helpers import site_reply
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -46,7 +47,7 @@ class FakeGrid:
             config = msg.content["config"]
             if config["fedrad-query"] == "reference":
                 metrics = {"n-images": n, "n-pixels": hu.size, "n-constant": 0, "spacing-median-mm": spacing,
-                           "spacing-min-mm": spacing, "spacing-max-mm": spacing}
+                           "spacing-p05-mm": spacing, "spacing-p95-mm": spacing}
                 records = {} if config["spacing-mm"] == 0 else {"intensity": from_numpy(
                     {"histogram": intensity_histogram(hu)})}
             else:
@@ -109,7 +110,7 @@ def evaluate_reply(name, z):
     content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "auc": 0.9, "n-features": len(z)}),
                           "site": ConfigRecord({"name": name}),
                           "moments": from_numpy({"feature-mean": m.mean, "feature-cov": m.cov})})
-    return Message(content, dst_node_id=0, message_type="evaluate")
+    return site_reply(content, name, "evaluate")
 
 
 def test_the_strategy_scores_every_round_from_moments_only():

@@ -7,6 +7,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from fedrad.common.records import from_numpy, to_numpy
 from fedrad.server.aggregate import spec_of
 from fedrad.server.strategy import FedRad
+from tests.helpers import site_reply
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -18,11 +19,11 @@ def train_reply(site, w, n, **extra):
     content = RecordDict({"arrays": from_numpy(arrays),
                           "metrics": MetricRecord({"num-examples": n, "train-loss": w}),
                           "site": ConfigRecord({"name": site})})
-    return Message(content=content, dst_node_id=0, message_type="train")
+    return site_reply(content, site, "train")
 
 
-def strategy(min_sites=2):
-    return FedRad(expected=spec_of(SHARED), min_sites=min_sites)
+def strategy(min_sites=2, weight_cap=0.0):
+    return FedRad(expected=spec_of(SHARED), min_sites=min_sites, weight_cap=weight_cap)
 
 
 def test_average_weighted_by_samples_over_shared_keys_only():
@@ -57,15 +58,14 @@ def test_too_few_valid_updates_keep_the_global_model():
     s = strategy(min_sites=2)
     failed = Message(Error(code=0, reason="site crashed"), reply_to=train_reply("x", 0, 1))
     assert s.aggregate_train(1, [train_reply("a", 1.0, 10), failed]) == (None, None)
-    assert s.failed and "site crashed" in s.failed[0][2]
+    assert s.failed == [(1, "node-" + str(failed.metadata.src_node_id), "flower error 0")]  # the code, not the text
 
 
 def test_evaluate_keeps_per_site_metrics_and_weighted_means():
     s = strategy()
-    replies = [Message(content=RecordDict({"metrics": MetricRecord({"num-examples": n, "auc": auc, "ece": 0.1,
-                                                                     "balanced-accuracy": 0.7}),
-                                           "site": ConfigRecord({"name": name})}),
-                       dst_node_id=0, message_type="evaluate")
+    replies = [site_reply(RecordDict({"metrics": MetricRecord({"num-examples": n, "auc": auc, "ece": 0.1,
+                                                                "balanced-accuracy": 0.7}),
+                                      "site": ConfigRecord({"name": name})}), name, "evaluate")
                for name, n, auc in (("a", 10, 0.9), ("b", 30, 0.7))]
     seen = []
     s.on_round = lambda rnd, sites: seen.append((rnd, sorted(sites)))
@@ -115,7 +115,7 @@ def test_the_average_does_not_depend_on_which_site_answered_first():
     def reply(site, n):
         content = RecordDict({"arrays": from_numpy({"w": rng.standard_normal(20_000).astype(np.float32)}),
                               "metrics": MetricRecord({"num-examples": n}), "site": ConfigRecord({"name": site})})
-        return Message(content=content, dst_node_id=0, message_type="train")
+        return site_reply(content, site, "train")
 
     replies = [reply(f"site-{i}", n) for i, n in enumerate([7, 13, 101, 3, 29, 11, 17])]
     results = set()
@@ -124,3 +124,53 @@ def test_the_average_does_not_depend_on_which_site_answered_first():
         arrays, _ = FedRad(expected=spec_of(expected), min_sites=2).aggregate_train(1, shuffled)
         results.add(to_numpy(arrays)["w"].tobytes())
     assert len(results) == 1
+
+
+def test_a_failed_reply_is_kept_as_its_code_and_incident_never_as_text():
+    s = strategy(min_sites=1)
+    coded = Message(Error(code=101, reason="policy-refused incident=0123456789ab"), reply_to=train_reply("x", 0, 1))
+    leaky = Message(Error(code=105, reason="internal: /data/doe_john_mrn12345.dcm,1,train"),
+                    reply_to=train_reply("y", 0, 1))
+    s.aggregate_train(1, [train_reply("a", 1.0, 10), coded, leaky])
+    reasons = [why for _, _, why in s.failed]
+    assert reasons == ["policy-refused (incident 0123456789ab)", "internal"]
+    assert "doe_john" not in repr(s.failed)
+
+
+def test_one_site_claiming_1e12_examples_is_capped_at_weight_cap_times_the_others_median():
+    s = strategy(min_sites=1, weight_cap=10.0)
+    replies = [train_reply("a", 1.0, 100), train_reply("b", 2.0, 100), train_reply("c", 50.0, 1e12)]
+    arrays, _ = s.aggregate_train(1, replies)
+    weights = {name: log.train[1]["weight"] for name, log in s.sites.items()}
+    assert weights == {"a": 100, "b": 100, "c": 1000}  # 10 x the median of the others' 100
+    share = weights["c"] / sum(weights.values())
+    assert share == pytest.approx(1000 / 1200)
+    expected = (1.0 * 100 + 2.0 * 100 + 50.0 * 1000) / 1200
+    np.testing.assert_allclose(to_numpy(arrays)["_fc.bias"], expected, rtol=1e-6)
+    uncapped = strategy(min_sites=1, weight_cap=0.0)
+    arrays, _ = uncapped.aggregate_train(1, replies)
+    assert to_numpy(arrays)["_fc.bias"][0] == pytest.approx(50.0, rel=1e-6)  # without the cap c is the model
+
+
+def test_a_site_count_may_not_grow_during_the_run():
+    s = strategy(min_sites=1)
+    s.aggregate_train(1, [train_reply("a", 1.0, 40), train_reply("b", 1.0, 40)])
+    s.aggregate_train(2, [train_reply("a", 1.0, 4000), train_reply("b", 1.0, 30)])
+    assert s.sites["a"].train[2]["weight"] == 40 and s.sites["b"].train[2]["weight"] == 30
+
+
+def test_a_second_node_using_a_bound_name_is_refused_and_named():
+    s = strategy(min_sites=1)
+    honest = train_reply("a", 1.0, 10)
+    impostor = Message(honest.content, reply_to=Message(RecordDict(), dst_node_id=999, message_type="train"))
+    s.aggregate_train(1, [honest, impostor])
+    assert [(site, "already bound" in why) for _, site, why in s.rejected] == [("node-999", True)]
+    assert s.sites["a"].train[1]["weight"] == 10  # counted once
+
+
+def test_a_registered_node_cannot_answer_as_another_site():
+    s = strategy(min_sites=1)
+    reply = train_reply("b", 1.0, 10)
+    s.node_names[reply.metadata.src_node_id] = "a"  # what the coordinator's registry says this node is
+    assert s.aggregate_train(1, [reply]) == (None, None)
+    assert "declares 'b'" in s.rejected[0][2]

@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedrad.common.records import from_numpy, to_numpy
 from fedrad.server.aggregate import spec_of
 from fedrad.server.strategy import FedRad
+from tests.helpers import site_reply
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -22,7 +23,7 @@ def reply(site, w, n, mean=0.0, var=1.0, count=None, bn=True, **bn_extra):
     if bn:
         content["bn-stats"] = from_numpy({"_bn1.running_mean": np.full(4, mean, np.float32),
                                           "_bn1.running_var": np.full(4, var, np.float32), **bn_extra})
-    return Message(content=content, dst_node_id=0, message_type="train")
+    return site_reply(content, site, "train")
 
 
 def strategy(bn=True):
