@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from fedrad.client.calibration import BCTS
 from fedrad.client.cache import cache_folder
+from fedrad.client.calibration import BCTS
 from fedrad.client.reference import site_intensity
 from fedrad.client.site_model import HEAD_FILE, Posteriors, SiteModel, SiteModelError
 from fedrad.common.config import RunConfig
