@@ -42,6 +42,7 @@ from fedrad.client.refusals import guarded
 from fedrad.client.site_shift import evaluate_site
 from fedrad.client.train import fit, pick_device
 from fedrad.common.config import RunConfig
+from fedrad.common.dp import epsilon
 from fedrad.common.efficientnet_lite import NUM_FEATURES, EfficientNetLite0
 from fedrad.common.egress import EgressPolicy, aggregate_records, check_egress
 from fedrad.common.feature_shift import Moments
@@ -258,8 +259,16 @@ def train(msg: Message, context: Context) -> Message:
     state = model.state_dict()
     context.state[LOCAL_STATE] = to_array_record(state, local_keys(model, cfg.bn_mode))
     local_store(msg, context, cfg, data.name).save(server_round, {k: state[k] for k in local_keys(model, cfg.bn_mode)})
+    shared = to_array_record(state, list(received))
+    private: dict[str, float] = {}
+    if cfg.dp_clip > 0:  # site-level differential privacy on the update of the shared tensors
+        noisy, norm = clip_and_noise(state, received, clip=cfg.dp_clip, noise=cfg.dp_noise)
+        shared = to_array_record(noisy, list(received))
+        private = {"dp-update-norm": norm, "dp-epsilon": epsilon(cfg.dp_noise, server_round, cfg.dp_delta)}
+        log.info("site %s: round %d update norm %.3g clipped to %.3g, noise multiplier %.3g", data.name, server_round,
+                 norm, cfg.dp_clip, cfg.dp_noise)
     write_summary(context, cfg, data, {"round": server_round, **stats, "cache-hits": inputs.cache_hits,
-                                       "cache-misses": inputs.cache_misses})
+                                       "cache-misses": inputs.cache_misses, **private})  # stays at the site
     metrics = {NUM_EXAMPLES: len(data.y_train), "n-train": len(data.y_train), "n-test": len(data.y_test),
                "n-skipped": len(data.skipped), BN_SAMPLES: len(data.y_train), **stats}
     withheld = {}
@@ -272,12 +281,6 @@ def train(msg: Message, context: Context) -> Message:
     if bn_keys and not policy.send_bn_stats:
         withheld["bn-stats"] = "policy-refused"
         metrics.pop(BN_SAMPLES)
-    shared = to_array_record(state, list(received))
-    if cfg.dp_clip > 0:  # site-level differential privacy on the update of the shared tensors
-        noisy, norm = clip_and_noise(state, received, clip=cfg.dp_clip, noise=cfg.dp_noise)
-        shared = to_array_record(noisy, list(received))
-        log.info("site %s: round %d update norm %.3g clipped to %.3g, noise multiplier %.3g", data.name, server_round,
-                 norm, cfg.dp_clip, cfg.dp_noise)
     return reply(msg, context, data, policy, work, own_shared_shapes(model, cfg), shared, metrics,
                  bn_stats, {k: tuple(state[k].shape) for k in bn_keys} if bn_stats is not None else None,
                  withheld=withheld)
