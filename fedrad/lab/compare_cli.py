@@ -64,7 +64,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fedrad.common.config import load_run_config
-    from fedrad.lab.compare import compare, plan_compare
+    from fedrad.lab.compare import compare
+    from fedrad.lab.compare_plan import plan_compare
     from fedrad.lab.compare_report import rich_table
     from fedrad.lab.lr_tuning import parse_grid
     from fedrad.lab.synth import DEFAULT_DATA, make_synthetic
