@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedrad.client import egress_log
+from fedrad.client.bn_shrink import pooled_statistics, shrink_site_bn
 from fedrad.client.cache import cache_folder
 from fedrad.client.dataset import SiteData, SiteDataError
 from fedrad.client.deploy_eval import load_audit
@@ -251,11 +252,13 @@ def train(msg: Message, context: Context) -> Message:
     if len(data.y_train) < policy.min_count:
         raise SmallCount(f"site {data.name}: {len(data.y_train)} labelled training images, fewer than the "
                          f"policy's min-count {policy.min_count}: no update is sent")
+    pooled_bn = pooled_statistics(msg.content, model, cfg, data.name)  # bn-shrink: checked before any work
     received = {k: v.clone() for k, v in model.state_dict().items() if k in own_shared_shapes(model, cfg)}
     counts = np.bincount(data.y_train, minlength=len(CLASS_COUNTS))  # the site's prior, and its share of π_train
     stats = fit(model, inputs.train, data.y_train, cfg, seed=cfg.seed * 10_000 + server_round,
                 device=pick_device(cfg.device),
                 logit_offset=logit_adjustment(counts, cfg.logit_adjust) if cfg.logit_adjust else None)
+    own_bn = shrink_site_bn(model, pooled_bn, len(data.y_train), cfg.bn_shrink)  # the registry gets these, unshrunk
     state = model.state_dict()
     context.state[LOCAL_STATE] = to_array_record(state, local_keys(model, cfg.bn_mode))
     local_store(msg, context, cfg, data.name).save(server_round, {k: state[k] for k in local_keys(model, cfg.bn_mode)})
@@ -277,7 +280,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         withheld["class-counts"] = "small-count"
     bn_keys = site_bn_stat_keys(model)  # the BN layers fit() re-estimated on this site's training images
-    bn_stats = to_array_record(state, bn_keys) if bn_keys and policy.send_bn_stats else None
+    bn_stats = to_array_record({**state, **own_bn}, bn_keys) if bn_keys and policy.send_bn_stats else None
     if bn_keys and not policy.send_bn_stats:
         withheld["bn-stats"] = "policy-refused"
         metrics.pop(BN_SAMPLES)

@@ -3,13 +3,17 @@
 BN layers are found by module type, never by name: Flower's own FedBN how-to tests
 `"bn" in name`, which silently misses any BN not named so (and catches non-BN layers
 that happen to be). Per-site BN is how fedrad answers covariate shift between scanners
-(FedBN: each site keeps its BN statistics and affine parameters).
+(FedBN: each site keeps its BN statistics and affine parameters). Per-channel statistics
+of groups pool by the law of total variance (`pool_moments`: the coordinator's registry),
+and a small site may shrink its own toward the pooled ones (`shrink_moments`, run-config
+`bn-shrink`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -96,3 +100,44 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], *,
         m.running_mean.copy_(mean.to(m.running_mean))
         m.running_var.copy_((squares / count - mean * mean).clamp_min(0).to(m.running_var))
     return images
+
+
+def pool_moments(means: Sequence[np.ndarray], variances: Sequence[np.ndarray],
+                 counts: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of the union of groups, from each group's mean, variance and size.
+
+    Exact (up to rounding) for population variances: equals np.mean / np.var of the
+    concatenated data. Accumulates in float64.
+    """
+    if not means or len(means) != len(variances) or len(means) != len(counts):
+        raise ValueError(f"pool_moments needs as many means, variances and counts (>= 1); got "
+                         f"{len(means)}, {len(variances)}, {len(counts)}.")
+    n = np.asarray(counts, dtype=np.float64)
+    if not (n > 0).all():
+        raise ValueError(f"every group needs a positive count; got {list(counts)}.")
+    w = n / n.sum()
+    mu = np.stack([np.asarray(m, dtype=np.float64) for m in means])
+    var = np.stack([np.asarray(v, dtype=np.float64) for v in variances])
+    shape = (-1,) + (1,) * (mu.ndim - 1)
+    mean = (w.reshape(shape) * mu).sum(axis=0)
+    total = (w.reshape(shape) * (var + (mu - mean) ** 2)).sum(axis=0)
+    return mean, total
+
+
+def shrink_moments(mean: np.ndarray, var: np.ndarray, count: float, pooled_mean: np.ndarray,
+                   pooled_var: np.ndarray, prior_count: float) -> tuple[np.ndarray, np.ndarray]:
+    """A site's BN statistics shrunk toward the pooled ones by count (empirical Bayes), float64.
+
+    The site's n images weigh w = n / (n + n0) against n0 pseudo-images drawn from the
+    pooled population: mean' = w·mean + (1 − w)·pooled_mean, and the variance is that of
+    the same two-part mixture (law of total variance, `pool_moments`), so it includes the
+    spread between the two means and never falls below either part's weighted variance.
+    n0 = 0 returns the site's own statistics unchanged (plain FedBN). Why: a site with a
+    few dozen images estimates its per-channel statistics with noise that a large site
+    does not have; n0 sets how many images of its own a site needs before it trusts them.
+    """
+    if count <= 0 or prior_count < 0:
+        raise ValueError(f"shrink_moments needs a positive image count and n0 >= 0; got {count}, {prior_count}.")
+    if prior_count == 0:
+        return np.asarray(mean, dtype=np.float64), np.asarray(var, dtype=np.float64)
+    return pool_moments([mean, pooled_mean], [var, pooled_var], [count, prior_count])

@@ -33,6 +33,7 @@ class RunConfig:
 
     num_server_rounds: int = 5
     bn_mode: str = "fedbn"  # fedbn: BN at each site; silobn: BN affine averaged, stats local; shared: all (FedAvg)
+    bn_shrink: float = 0.0  # n0 images: per-site BN statistics shrunk toward the pooled ones by n/(n+n0); 0 = off
     freeze_blocks: int = 14  # freeze stem + first K units (meaning and range: common/finetune.py)
     lr_max: float = 0.003  # learning rate of the classifier
     lr_decay: float = 0.5  # gamma: each level below the classifier gets gamma times the rate above
@@ -74,6 +75,7 @@ class RunConfig:
         checks = [
             (self.num_server_rounds >= 1, "num-server-rounds must be >= 1"),
             (self.bn_mode in BN_MODES, f"bn-mode must be one of {BN_MODES}"),
+            (self.bn_shrink >= 0, "bn-shrink must be >= 0 (images; 0 = each site's own BN statistics)"),
             (self.lr_max > 0, "lr-max must be > 0"),
             (0 < self.lr_decay <= 1, "lr-decay must be in (0, 1]"),
             (self.local_epochs >= 1, "local-epochs must be >= 1"),

@@ -22,6 +22,7 @@ CONFIG = "config"  # run config (coordinator -> site)
 METRICS = "metrics"  # aggregates a site reports (counts, loss, AUC, ...)
 SITE = "site"  # who is replying: {"name": site folder name}
 BN_STATS = "bn-stats"  # site -> coordinator: per-channel BN running mean/var of the adapted layers
+BN_POOLED = "bn-pooled"  # coordinator -> site (train, bn-shrink > 0): the registry's pooled BN mean/var per layer
 LABEL_SHIFT = "label-shift"  # coordinator -> site (evaluate): the training prior {"prior-train-<c>": float}
 REFERENCE = "reference"  # coordinator -> site: pooled HU histogram and/or the shift projection
 INTENSITY = "intensity"  # site -> coordinator (query): its HU histogram in the fixed bins

@@ -63,7 +63,7 @@ def run_federation(grid: Grid, cfg: RunConfig, truth: Mapping[str, Mapping[str, 
     strategy = FedRadShift(broadcast=exchange.broadcast() if exchange is not None else None,
                            expected=spec_of(to_numpy(initial)), min_sites=cfg.min_sites,
                            norm_outlier_factor=cfg.norm_outlier_factor, on_round=log_round, bn_expected=bn_expected,
-                           weight_cap=cfg.weight_cap)
+                           weight_cap=cfg.weight_cap, bn_shrink=cfg.bn_shrink if cfg.bn_mode != "shared" else 0.0)
     arrays = checkpoints.restore(strategy, initial)
     if exchange is not None:  # the node -> site bindings made before round 1 hold for the run
         strategy.node_names.update(exchange.names)

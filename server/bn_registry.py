@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedrad.common.bn import pool_moments  # the law of total variance; also what a site shrinks with
+
 MEAN, VAR = "running_mean", "running_var"
 
 
@@ -40,28 +42,6 @@ class SiteBNStats:
     server_round: int
     count: int
     stats: Mapping[str, np.ndarray]  # "<layer>.running_mean" / "<layer>.running_var" -> (C,)
-
-
-def pool_moments(means: Sequence[np.ndarray], variances: Sequence[np.ndarray],
-                 counts: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and variance of the union of groups, from each group's mean, variance and size.
-
-    Exact (up to rounding) for population variances: equals np.mean / np.var of the
-    concatenated data. Accumulates in float64.
-    """
-    if not means or len(means) != len(variances) or len(means) != len(counts):
-        raise ValueError(f"pool_moments needs as many means, variances and counts (>= 1); got "
-                         f"{len(means)}, {len(variances)}, {len(counts)}.")
-    n = np.asarray(counts, dtype=np.float64)
-    if not (n > 0).all():
-        raise ValueError(f"every group needs a positive count; got {list(counts)}.")
-    w = n / n.sum()
-    mu = np.stack([np.asarray(m, dtype=np.float64) for m in means])
-    var = np.stack([np.asarray(v, dtype=np.float64) for v in variances])
-    shape = (-1,) + (1,) * (mu.ndim - 1)
-    mean = (w.reshape(shape) * mu).sum(axis=0)
-    total = (w.reshape(shape) * (var + (mu - mean) ** 2)).sum(axis=0)
-    return mean, total
 
 
 def pool_shared_bn(updates: Sequence[tuple[Mapping[str, np.ndarray], float]],

@@ -17,6 +17,9 @@ Sending is FedAvg's own (the same shared arrays and run config to every site). W
   statistics serve sites never seen in training. They are never averaged into the model.
 - every evaluation carries the training prior formed from the sites' class counts
   (`fedrad.server.label_shift`), the reference of each site's label-shift correction;
+- with `bn-shrink` > 0 every training message carries the registry's pooled BN statistics
+  (record `bn-pooled`), toward which a site with few images shrinks its own
+  (`fedrad.client.bn_shrink`); none in round 1, when the registry is still empty;
 - a site's influence is bounded: its example count may not grow past what it first
   reported, its weight is at most `weight_cap` x the other sites' median weight, and the
   outlier rule also judges each update's weighted contribution (weight x distance);
@@ -40,6 +43,7 @@ from fedrad.common.codes import NAMES as CODE_NAMES
 from fedrad.common.codes import parse as parse_reason
 from fedrad.common.records import (
     ARRAYS,
+    BN_POOLED,
     BN_SAMPLES,
     BN_STATS,
     LABEL_SHIFT,
@@ -95,7 +99,8 @@ class FedRad(FedAvg):
 
     def __init__(self, *, expected: dict[str, ArraySpec], min_sites: int = 2, norm_outlier_factor: float = 0.0,
                  on_round: Callable[[int, dict[str, SiteLog]], None] | None = None,
-                 bn_expected: dict[str, ArraySpec] | None = None, weight_cap: float = 0.0) -> None:
+                 bn_expected: dict[str, ArraySpec] | None = None, weight_cap: float = 0.0,
+                 bn_shrink: float = 0.0) -> None:
         super().__init__(min_train_nodes=min_sites, min_evaluate_nodes=min_sites, min_available_nodes=min_sites,
                          weighted_by_key=NUM_EXAMPLES)
         self.expected = expected
@@ -111,6 +116,7 @@ class FedRad(FedAvg):
         self.bn_registry = BNRegistry()
         self.weight_cap = weight_cap
         self.count_cap: dict[str, float] = {}  # site -> the most examples it may claim (its first report)
+        self.bn_shrink = bn_shrink  # > 0: send the pooled BN statistics with every training message
 
     def summary(self) -> None:
         n_values = sum(math.prod(s.shape) for s in self.expected.values())
@@ -120,7 +126,12 @@ class FedRad(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.reference = to_numpy(arrays)  # the yardstick of the norm-outlier rule
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        pooled = self.bn_registry.pooled() if self.bn_shrink > 0 else {}
+        for msg in messages if pooled else []:  # the same aggregate for every site
+            msg.content[BN_POOLED] = from_numpy(pooled)
+        return messages
+
     def training_prior(self) -> np.ndarray | None:
         """Class prior of everything the sites trained on, from their latest class counts."""
         return training_prior(site.train[max(site.train)] for site in self.sites.values() if site.train)
