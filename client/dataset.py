@@ -48,6 +48,9 @@ class SiteData:
         preprocessing: repr of the preprocessor that made the arrays (spacing, field of
             view, intensity map, windows): part of the feature-cache key, so a changed
             harmonisation map is never served features of the old inputs.
+        time_train, time_test: (N,) float64 follow-up in days, aligned with y_train / y_test,
+            when the preprocessor's `target` is "survival" (then y is the event: 1 event,
+            0 censored); empty otherwise.
     """
 
     name: str
@@ -62,6 +65,8 @@ class SiteData:
     keys_test: tuple[str, ...] = ()
     keys_unlabelled: tuple[str, ...] = ()
     preprocessing: str = ""
+    time_train: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    time_test: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def summary(self) -> dict:
         """JSON-ready counts (no pixel data) for logs and the server."""
@@ -90,6 +95,11 @@ def load_site(
         on_progress: Called as ``on_progress(done, total)`` after each image
             read attempt (total = rows that passed validation).
 
+    The preprocessor's ``target`` ("label" when it has none; "survival" with `task = survival`)
+    picks what a row is scored on: its label, or its time + event (y = event, times in
+    ``time_train`` / ``time_test``). A row without the run's target is unlabelled (train) or
+    skipped with a reason (test).
+
     Returns:
         The site's arrays; bad rows/files are in ``skipped``.
 
@@ -104,8 +114,16 @@ def load_site(
     buckets: dict[str, tuple[list[np.ndarray], list[int], list[str]]] = {
         "train": ([], [], []), "test": ([], [], []), "unlabelled": ([], [], []),
     }
+    survival = getattr(preprocessor, "target", "label") == "survival"
+    times: dict[str, list[float]] = {"train": [], "test": [], "unlabelled": []}
     spacings: list[tuple[float, float]] = []
     for done, row in enumerate(rows, start=1):
+        target = row.event if survival else row.label
+        if target is None and row.split == "test":
+            skipped.append(Skipped(row.image, f"labels.csv line {row.line}: test row has no "
+                                   + ("time and event; task = survival scores test rows on them" if survival else
+                                      "label (it gives time and event only: run task = survival)")))
+            continue
         if row.series:
             problem, x, spacing, key = _series_row(site_dir, row, preprocessor)
         else:
@@ -119,10 +137,11 @@ def load_site(
         if problem is not None:
             skipped.append(Skipped(row.image, f"labels.csv line {row.line}: {problem}"))
         else:
-            bucket = "unlabelled" if row.label is None else row.split
+            bucket = "unlabelled" if target is None else row.split
             buckets[bucket][0].append(x)
-            buckets[bucket][1].append(-1 if row.label is None else row.label)
+            buckets[bucket][1].append(-1 if target is None else target)
             buckets[bucket][2].append(key)
+            times[bucket].append(row.time if survival and row.time is not None else np.nan)
         if on_progress is not None:
             on_progress(done, len(rows))
 
@@ -148,6 +167,8 @@ def load_site(
         keys_test=tuple(buckets["test"][2]),
         keys_unlabelled=tuple(buckets["unlabelled"][2]),
         preprocessing=repr(preprocessor),
+        time_train=np.asarray(times["train"] if survival else [], dtype=np.float64),
+        time_test=np.asarray(times["test"] if survival else [], dtype=np.float64),
     )
 
 

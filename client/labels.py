@@ -22,6 +22,11 @@ A site folder looks like::
   as DICOM SEG, RT Structure Set or NIfTI (`fedrad.client.masks`), and ``roi_name``
   the ROI (RTSTRUCT) or segment label (SEG) when the file holds several. A row gives
   ``image`` or ``series``, not both; both kinds may share one labels.csv.
+* ``time`` (days, > 0) and ``event`` (``1`` = event, ``0`` = censored): a survival endpoint,
+  instead of or beside ``label`` (the ``label`` column may then be absent). Both or neither;
+  a test row needs a label or a time + event. Which target a run reads (`task`) is
+  `fedrad.client.dataset`'s choice: a row without that run's target is unlabelled (train)
+  or skipped with a reason (test).
 
 A bad row is recorded as a :class:`Skipped` with a reason that names the line and the
 value, and the rest is read. Only a missing or unusable labels.csv is fatal
@@ -37,8 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-LABEL_COLUMNS = ("image", "label", "split", "roi_x", "roi_y", "series", "mask", "roi_name")
-REQUIRED_COLUMNS = ("label", "split")  # and image or series
+LABEL_COLUMNS = ("image", "label", "split", "roi_x", "roi_y", "series", "mask", "roi_name", "time", "event")
+REQUIRED_COLUMNS = ("split",)  # and image or series, and label or time + event
 _LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
 _SPLITS = ("train", "test")
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -75,11 +80,14 @@ class Row:
     series: bool = False  # `rel` names a series (folder or multi-frame file), not one image
     mask: PurePosixPath | None = None  # series rows: the lesion mask
     roi_name: str = ""  # series rows: ROI name (RTSTRUCT) or segment label (SEG); "" = the only one
+    time: float | None = None  # survival: follow-up in days (> 0), with `event`
+    event: int | None = None  # survival: 1 = event observed at `time`, 0 = censored there
 
 
 def read_labels(csv_path: Path, skipped: list[Skipped]) -> list[Row]:
     """Parse and validate labels.csv; bad rows go to ``skipped``."""
-    expected = "expected columns: image,label,split (optional: roi_x,roi_y) or series,mask,label,split (optional: roi_name)"
+    expected = ("expected columns: image,label,split (optional: roi_x,roi_y) or series,mask,label,split "
+                "(optional: roi_name); time,event (survival) instead of or beside label")
     if not csv_path.is_file():
         raise SiteDataError(f"{csv_path}: labels.csv not found; each site folder needs one ({expected})")
     rows: list[Row] = []
@@ -91,6 +99,8 @@ def read_labels(csv_path: Path, skipped: list[Skipped]) -> list[Row]:
             missing = [c for c in REQUIRED_COLUMNS if c not in header]
             if "image" not in header and "series" not in header:
                 missing.insert(0, "image (or series)")
+            if "label" not in header and not {"time", "event"} <= set(header):
+                missing.append("label (or time and event)")
             if missing:
                 unknown = [h for h in header if h not in LABEL_COLUMNS]
                 raise SiteDataError(
@@ -158,16 +168,19 @@ def _parse_row(line: int, get: Callable[[str], str], skipped: list[Skipped]) -> 
         ))
         return None
     label = _LABELS.get(raw_label)
+    survival = _survival(line, image, get("time"), get("event"), skipped)
+    if survival is None:
+        return None
     split = get("split").lower()
     if split not in _SPLITS:
         skipped.append(Skipped(
             where, f"labels.csv line {line} ({image}): split must be 'train' or 'test', got {get('split')!r}"
         ))
         return None
-    if split == "test" and label is None:
+    if split == "test" and label is None and survival == (None, None):
         skipped.append(Skipped(
             where, f"labels.csv line {line} ({image}): test row has no label; a test image must be "
-            "labelled 0 or 1 (put unlabelled images in the train split)"
+            "labelled 0 or 1, or give time and event (put unlabelled images in the train split)"
         ))
         return None
     raw_x, raw_y = get("roi_x"), get("roi_y")
@@ -183,7 +196,30 @@ def _parse_row(line: int, get: Callable[[str], str], skipped: list[Skipped]) -> 
                 f"(pixel column, row) or both empty, got roi_x={raw_x!r}, roi_y={raw_y!r}"
             ))
             return None
-    return Row(line, image, rel, label, split, roi_xy, series=bool(series), mask=mask, roi_name=get("roi_name"))
+    return Row(line, image, rel, label, split, roi_xy, series=bool(series), mask=mask, roi_name=get("roi_name"),
+               time=survival[0], event=survival[1])
+
+
+def _survival(line: int, image: str, raw_time: str, raw_event: str, skipped: list[Skipped]
+              ) -> tuple[float | None, int | None] | None:
+    """(time, event) of a row, (None, None) when it gives neither; None (recorded why) when they are bad."""
+    if not raw_time and not raw_event:
+        return None, None
+    where = f"labels.csv:{line}"
+    try:
+        time = float(raw_time)
+    except ValueError:
+        time = math.nan
+    problems = []
+    if not (math.isfinite(time) and time > 0):
+        problems.append(f"time must be a number of days > 0, got {raw_time!r}")
+    if raw_event not in _LABELS:
+        problems.append(f"event must be 1 (event) or 0 (censored), got {raw_event!r}")
+    if problems:
+        skipped.append(Skipped(where, f"labels.csv line {line} ({image}): " + "; ".join(problems)
+                               + " (time and event go together)"))
+        return None
+    return time, _LABELS[raw_event]
 
 
 def _inside(line: int, column: str, written: str, skipped: list[Skipped]) -> PurePosixPath | None:

@@ -47,7 +47,7 @@ class HUCrop(Preprocessor):
     """
 
     def __repr__(self) -> str:
-        return f"HUCrop({self.resample!r})"
+        return f"HUCrop({self.resample!r})" if self.target == "label" else f"HUCrop({self.resample!r}, {self.target!r})"
 
     def __call__(self, image: DicomImage, center_rc: tuple[float, float] | None = None) -> np.ndarray:
         crop = self.resample(image, center_rc)
@@ -92,7 +92,13 @@ MAX_MEMO = 32  # a histogram is 16 kB: an actor serving several sites keeps all 
 
 def raw_preprocessor(cfg: RunConfig) -> Preprocessor:
     """The CNN preprocessing of this run without any intensity map (harmonize off)."""
-    return Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, slice_mode=cfg.slice_mode, slab_mm=cfg.slab_mm)
+    return Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, slice_mode=cfg.slice_mode, slab_mm=cfg.slab_mm,
+                        target=target_of(cfg))
+
+
+def target_of(cfg: RunConfig) -> str:
+    """What the run's rows are scored on: time + event with `task = survival`, else the label."""
+    return "survival" if cfg.task == "survival" else "label"
 
 
 def site_intensity(site_dir: Path, cfg: RunConfig, *, site: str | None = None,
@@ -133,7 +139,8 @@ MAX_KEPT = 2  # intensity files per site folder state kept on disk: the spacing 
 
 def _cropper(cfg: RunConfig) -> HUCrop:
     spacing = cfg.spacing_mm or cfg.fov_mm / 8.0  # a tiny crop when only spacings are wanted
-    return HUCrop(spacing_mm=spacing, fov_mm=cfg.fov_mm, slice_mode=cfg.slice_mode, slab_mm=cfg.slab_mm)
+    return HUCrop(spacing_mm=spacing, fov_mm=cfg.fov_mm, slice_mode=cfg.slice_mode, slab_mm=cfg.slab_mm,
+                  target=target_of(cfg))
 
 
 def _load_intensity(path: Path) -> SiteIntensity | None:
@@ -205,7 +212,7 @@ def site_preprocessor(cfg: RunConfig, site_dir: Path, reference: np.ndarray | No
     for warning in caught:
         _warn(str(warning.message))
     return Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, intensity_map=match,
-                        slice_mode=cfg.slice_mode, slab_mm=cfg.slab_mm)
+                        slice_mode=cfg.slice_mode, slab_mm=cfg.slab_mm, target=target_of(cfg))
 
 
 def load_inputs(cfg: RunConfig, site_dir: Path, reference: np.ndarray | None, *, site: str | None = None,

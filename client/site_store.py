@@ -28,7 +28,7 @@ import numpy as np
 from fedrad.client.dataset import SiteData, Skipped
 
 log = logging.getLogger("fedrad.site")
-_ARRAYS = ("x_train", "y_train", "x_test", "y_test", "x_unlabelled", "spacings_mm")
+_ARRAYS = ("x_train", "y_train", "x_test", "y_test", "x_unlabelled", "spacings_mm", "time_train", "time_test")
 _KEYS = ("keys_train", "keys_test", "keys_unlabelled")
 KEEP = 3  # array files kept per site: the raw inputs, the HU crops and the harmonised inputs of one run
 

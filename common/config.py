@@ -24,6 +24,7 @@ AUGMENTS = ("dihedral", "none")
 PREFIX_BN = ("pretrained", "site")
 HARMONIZE = ("off", "quantile", "landmarks", "median")
 DEVICES = ("auto", "cpu", "cuda")
+TASKS = ("classification", "survival")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -69,6 +70,7 @@ class RunConfig:
     shift_dim: int = 16  # shift score: feature moments in this many projected dimensions (0 = no shift score)
     slice_mode: str = "largest"  # series rows: largest (axial slice of largest lesion area) | 2.5d | orthogonal
     slab_mm: float = 5.0  # slice-mode 2.5d: the neighbour planes' distance from the lesion centre (mm)
+    task: str = "classification"  # classification (label, 2-class head) | survival (time + event, 1-output Cox head)
 
     def __post_init__(self) -> None:
         check_freeze_blocks(self.freeze_blocks)
@@ -104,6 +106,7 @@ class RunConfig:
             (0 <= self.shift_dim <= 256, "shift-dim must be between 0 (off) and 256"),
             (self.slice_mode in SLICE_MODES, f"slice-mode must be one of {SLICE_MODES}"),
             (self.slab_mm > 0, "slab-mm must be > 0"),
+            (self.task in TASKS, f"task must be one of {TASKS}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -31,6 +31,7 @@ CT_WINDOWS: tuple[tuple[float, float], ...] = ((-600.0, 1500.0), (40.0, 400.0), 
 PLANE_WINDOW: tuple[float, float] = CT_WINDOWS[1]
 """(level, width) in HU of a CT plane when the channels are planes (slice modes 2.5d, orthogonal)."""
 SLICE_MODES = ("largest", "2.5d", "orthogonal")
+TARGETS = ("label", "survival")  # what a labels.csv row is scored on: its label, or its time + event
 """Run config `slice-mode`: how a series row becomes planes (`fedrad.client.slices`)."""
 
 _ANTIALIAS_RATIO = 1.5  # blur only when output spacing > 1.5x input spacing
@@ -269,10 +270,14 @@ class Preprocessor:
         intensity_map: Callable[[np.ndarray], np.ndarray] | None = None,
         slice_mode: str = "largest",
         slab_mm: float = 5.0,
+        target: str = "label",
     ) -> None:
         if slice_mode not in SLICE_MODES:
             raise ValueError(f"slice_mode must be one of {SLICE_MODES}, got {slice_mode!r}")
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         self.slice_mode = slice_mode
+        self.target = target  # which labels.csv columns a row is scored on (`fedrad.client.dataset.load_site`)
         self.slab_mm = _positive("slab_mm", slab_mm)
         if len(ct_windows) != 3:
             raise ValueError(
@@ -289,8 +294,9 @@ class Preprocessor:
     def __repr__(self) -> str:
         mapped = "" if self.intensity_map is None else f", {self.intensity_map!r}"
         planes = "" if self.slice_mode == "largest" else f", slice_mode={self.slice_mode!r}, slab_mm={self.slab_mm}"
+        target = "" if self.target == "label" else f", target={self.target!r}"
         return (f"Preprocessor({self.resample!r}{mapped}, {self.window!r}, {self.robust!r}, "
-                f"{self.normalize!r}{planes})")
+                f"{self.normalize!r}{planes}{target})")
 
     def __call__(self, image: DicomImage, center_rc: tuple[float, float] | None = None) -> np.ndarray:
         """Return float32 (3, size, size) ready for the CNN.
@@ -370,6 +376,10 @@ class Stack:
     @property
     def slab_mm(self) -> float:
         return getattr(self.parts[-1], "slab_mm", 5.0)
+
+    @property
+    def target(self) -> str:
+        return getattr(self.parts[-1], "target", "label")
 
     def from_planes(self, images: Sequence[DicomImage], centres_rc: Sequence[tuple[float, float]],
                     main: int) -> np.ndarray:

@@ -144,7 +144,7 @@ def test_absolute_path_refused(tmp_path: Path) -> None:
 
 
 def test_public_names() -> None:
-    assert LABEL_COLUMNS == ("image", "label", "split", "roi_x", "roi_y", "series", "mask", "roi_name")
+    assert LABEL_COLUMNS == ("image", "label", "split", "roi_x", "roi_y", "series", "mask", "roi_name", "time", "event")
     assert Skipped("a", "b") == Skipped("a", "b")
     assert issubclass(SiteDataError, ValueError)
 

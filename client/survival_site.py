@@ -1,0 +1,164 @@
+"""Survival at one site (`task = survival`): train the Cox head, score it, keep the risk scores here.
+
+The network is the classifier's (same partially fine-tuned backbone, per-site BatchNorm, the
+same shared/local split); only the head has one output, a log hazard ratio, trained with the
+Cox partial likelihood of each batch (`fedrad.common.survival.cox_loss`). The coordinator
+averages the head and the unfrozen layers exactly as for classification.
+
+Evaluation computes, on the test split, per site: Harrell's C-index and its pair counts
+(concordant, discordant, tied in risk: the coordinator adds them up into a federated
+C-index), the time-dependent AUC at the split's median follow-up and the integrated Brier
+score (scikit-survival; survival curves from a Breslow baseline fitted on the site's own
+training risks), and the Cox loss. Only those scalars leave, and only when the split holds
+at least `min-count` images and `min-count` events. The risk scores, the survival curves
+and the Kaplan-Meier plot of the predicted risk groups stay in the site's work folder.
+No Flower here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time as clock
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedrad.client.outputs import SiteOutputs
+from fedrad.client.train import Inputs, autocast
+from fedrad.common.bn import recalibrate_bn
+from fedrad.common.config import RunConfig
+from fedrad.common.efficientnet_lite import EfficientNetLite0
+from fedrad.common.finetune import make_optimizer, param_groups, set_train_mode
+from fedrad.common.records import C_INDEX, IBS, N_EVENTS, PAIRS, TD_AUC
+from fedrad.common.survival import cox_loss, pair_counts
+
+log = logging.getLogger("fedrad.site")
+TIES = "efron"
+KM_PLOT = "km-risk-groups.png"  # in the site's work folder; never sent
+
+
+def fit_survival(model: EfficientNetLite0, inputs: Inputs, time: np.ndarray, event: np.ndarray, cfg: RunConfig, *,
+                 seed: int, device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """Train the unfrozen part on the Cox partial likelihood of each batch; return mean loss and timing.
+
+    Mirrors `fedrad.client.train.fit` (same seeded order, views, discriminative rates, BN
+    re-estimated on all training images afterwards); a batch without an event has no
+    partial likelihood and is skipped.
+    """
+    n = len(time)
+    if n < 2 or len(event) != n:
+        raise ValueError(f"A site needs at least 2 training rows with time and event to train; got {n}.")
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = make_optimizer(model, param_groups(model, lr_max=cfg.lr_max, lr_decay=cfg.lr_decay),
+                                   cfg.weight_decay)
+        times = torch.as_tensor(time, dtype=torch.float64, device=device)
+        events = torch.as_tensor(event, dtype=torch.float64, device=device)
+        set_train_mode(model, cfg.freeze_blocks)
+        losses: list[torch.Tensor] = []
+        start = clock.perf_counter()
+        for _ in range(cfg.local_epochs):
+            order = torch.randperm(n, generator=generator)
+            for i in range(0, n, cfg.batch_size):
+                idx = order[i:i + cfg.batch_size]
+                view = int(torch.randint(0, 8, (1,), generator=generator)) % inputs.n_views
+                on = idx.to(device)
+                if len(idx) < 2 or not bool(events[on].any()):
+                    continue
+                with autocast(device):
+                    risk = inputs.forward(inputs.batch(idx, view)).float()[:, 0]
+                loss = cox_loss(risk, times[on], events[on], TIES)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.detach())
+        with autocast(device):
+            recalibrate_bn(model, (inputs.batch(idx, 0) for idx in
+                                   torch.tensor_split(torch.arange(n), max(1, n // cfg.batch_size))),
+                           forward=inputs.forward)
+    mean_loss = float(torch.stack(losses).mean()) if losses else math.nan
+    return {"train-loss": mean_loss, "seconds": clock.perf_counter() - start}
+
+
+def survival_scores(time_train: np.ndarray, event_train: np.ndarray, risk_train: np.ndarray,
+                    time_test: np.ndarray, event_test: np.ndarray, risk_test: np.ndarray) -> dict[str, float]:
+    """The test split's C-index and pair counts, td-AUC at its median follow-up, integrated Brier score.
+
+    Undefined figures (no event, follow-up outside the training range) are NaN, never an error.
+    """
+    from sksurv.linear_model.coxph import BreslowEstimator
+    from sksurv.metrics import cumulative_dynamic_auc, integrated_brier_score
+    from sksurv.util import Surv
+
+    counts = pair_counts(time_test, event_test, risk_test)
+    out = {C_INDEX: counts.c_index, **dict(zip(PAIRS, (counts.concordant, counts.discordant, counts.tied_risk))),
+           N_EVENTS: int(np.sum(event_test)), TD_AUC: math.nan, IBS: math.nan,
+           "test-loss": float(cox_loss(torch.as_tensor(risk_test), torch.as_tensor(time_test),
+                                       torch.as_tensor(event_test, dtype=torch.float64), TIES))}
+    train = Surv.from_arrays(np.asarray(event_train, bool), np.asarray(time_train, float))
+    test = Surv.from_arrays(np.asarray(event_test, bool), np.asarray(time_test, float))
+    if not (np.any(event_train) and np.any(event_test)):
+        return out
+    try:
+        median = float(np.median(time_test))
+        out[TD_AUC] = float(cumulative_dynamic_auc(train, test, risk_test, [median])[0][0])
+    except ValueError as err:  # follow-up beyond the training range, no case or control at that time
+        log.info("td-AUC undefined: %s", err)
+    try:
+        grid = np.unique(np.quantile(time_test, np.linspace(0.1, 0.8, 15)))
+        baseline = BreslowEstimator().fit(np.asarray(risk_train, float), np.asarray(event_train, int),
+                                          np.asarray(time_train, float))
+        curves = np.vstack([fn(grid) for fn in baseline.get_survival_function(np.asarray(risk_test, float))])
+        out[IBS] = float(integrated_brier_score(train, test, curves, grid))
+    except ValueError as err:
+        log.info("integrated Brier score undefined: %s", err)
+    return out
+
+
+def evaluate_survival(outputs: SiteOutputs, time_train: np.ndarray, event_train: np.ndarray,
+                      time_test: np.ndarray, event_test: np.ndarray, *, min_count: int, work_dir: Path | None,
+                      site: str) -> tuple[dict[str, float], dict[str, str]]:
+    """The survival scalars this site may send, and what it withholds: (metrics, {what: code}).
+
+    Fewer than `min_count` test images or test events: no test figure is sent
+    (`test-metrics: small-count`), as for classification. The Kaplan-Meier plot of the test
+    split's predicted risk groups (split at the median training risk) is drawn into
+    `work_dir` either way: it shows per-patient steps and stays at the site.
+    """
+    risk_train, risk_test = outputs("train")[0][:, 0], outputs("test")[0][:, 0]
+    scores = survival_scores(time_train, event_train, risk_train, time_test, event_test, risk_test)
+    if work_dir is not None and len(risk_test) and len(risk_train):
+        plot_risk_groups(work_dir / KM_PLOT, time_test, event_test, risk_test, float(np.median(risk_train)), site)
+        (work_dir / "survival.json").write_text(json.dumps(
+            {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in scores.items()}, indent=2))
+    if len(time_test) < min_count or int(np.sum(event_test)) < min_count:
+        return {}, {"test-metrics": "small-count"}
+    return scores, {}
+
+
+def plot_risk_groups(path: Path, time: np.ndarray, event: np.ndarray, risk: np.ndarray, cut: float,
+                     site: str) -> None:
+    """Kaplan-Meier curves (scikit-survival) of the high- and low-risk groups, cut at the median training risk."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sksurv.nonparametric import kaplan_meier_estimator
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, members in (("low risk", risk <= cut), ("high risk", risk > cut)):
+        if members.any():
+            steps, survival = kaplan_meier_estimator(np.asarray(event[members], bool), np.asarray(time[members], float))
+            ax.step(np.r_[0.0, steps], np.r_[1.0, survival], where="post", label=f"{name} (n={int(members.sum())})")
+    ax.legend(fontsize=8)
+    ax.set_xlabel("days")
+    ax.set_ylabel("survival")
+    ax.set_title(f"{site}: test split by predicted risk")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
