@@ -41,6 +41,7 @@ from fedrad.client.policy import PolicyRefused, SitePolicy, SmallCount, site_pol
 from fedrad.client.reference import load_inputs, site_intensity
 from fedrad.client.refusals import guarded
 from fedrad.client.site_shift import evaluate_site
+from fedrad.client.survival_site import evaluate_survival, fit_survival
 from fedrad.client.train import fit, pick_device
 from fedrad.common.config import RunConfig
 from fedrad.common.dp import epsilon
@@ -255,9 +256,14 @@ def train(msg: Message, context: Context) -> Message:
     pooled_bn = pooled_statistics(msg.content, model, cfg, data.name)  # bn-shrink: checked before any work
     received = {k: v.clone() for k, v in model.state_dict().items() if k in own_shared_shapes(model, cfg)}
     counts = np.bincount(data.y_train, minlength=len(CLASS_COUNTS))  # the site's prior, and its share of π_train
-    stats = fit(model, inputs.train, data.y_train, cfg, seed=cfg.seed * 10_000 + server_round,
-                device=pick_device(cfg.device),
-                logit_offset=logit_adjustment(counts, cfg.logit_adjust) if cfg.logit_adjust else None)
+    if cfg.task == "survival":  # Cox head on (time, event); y_train holds the events, no class counts travel
+        counts = None
+        stats = fit_survival(model, inputs.train, data.time_train, data.y_train, cfg,
+                             seed=cfg.seed * 10_000 + server_round, device=pick_device(cfg.device))
+    else:
+        stats = fit(model, inputs.train, data.y_train, cfg, seed=cfg.seed * 10_000 + server_round,
+                    device=pick_device(cfg.device),
+                    logit_offset=logit_adjustment(counts, cfg.logit_adjust) if cfg.logit_adjust else None)
     own_bn = shrink_site_bn(model, pooled_bn, len(data.y_train), cfg.bn_shrink)  # the registry gets these, unshrunk
     state = model.state_dict()
     context.state[LOCAL_STATE] = to_array_record(state, local_keys(model, cfg.bn_mode))
@@ -275,7 +281,9 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {NUM_EXAMPLES: len(data.y_train), "n-train": len(data.y_train), "n-test": len(data.y_test),
                "n-skipped": len(data.skipped), BN_SAMPLES: len(data.y_train), **stats}
     withheld = {}
-    if all(c == 0 or c >= policy.min_count for c in counts):  # a class cell of 1..min-count-1 images is not sent
+    if counts is None:
+        pass
+    elif all(c == 0 or c >= policy.min_count for c in counts):  # a class cell of 1..min-count-1 images is not sent
         metrics.update(zip(CLASS_COUNTS, map(int, counts)))
     else:
         withheld["class-counts"] = "small-count"
@@ -296,12 +304,16 @@ def evaluate_(msg: Message, context: Context) -> Message:
     final = int(msg.content[CONFIG]["server-round"]) >= cfg.num_server_rounds
     outputs = SiteOutputs(model, inputs, pick_device(cfg.device))
     work = work_folder(context, cfg, data.name)
-    audit = load_audit(model, cfg, site_folder(context, cfg), reference_arrays(msg).get(REFERENCE_HISTOGRAM),
-                       site=data.name, cache_dir=cache_folder(work),
-                       device=pick_device(cfg.device)) if final and cfg.label_shift else None
-    metrics = evaluate_site(model, outputs, data, cfg, prior_train=training_prior(msg), final=final,
-                            work_dir=work, audit=audit)
-    metrics, withheld = suppress_small_counts(metrics, data, policy)
+    if cfg.task == "survival":  # C-index, pair counts, td-AUC, IBS; risk scores and KM plot stay in `work`
+        metrics, withheld = evaluate_survival(outputs, data.time_train, data.y_train, data.time_test, data.y_test,
+                                              min_count=policy.min_count, work_dir=work, site=data.name)
+    else:
+        audit = load_audit(model, cfg, site_folder(context, cfg), reference_arrays(msg).get(REFERENCE_HISTOGRAM),
+                           site=data.name, cache_dir=cache_folder(work),
+                           device=pick_device(cfg.device)) if final and cfg.label_shift else None
+        metrics = evaluate_site(model, outputs, data, cfg, prior_train=training_prior(msg), final=final,
+                                work_dir=work, audit=audit)
+        metrics, withheld = suppress_small_counts(metrics, data, policy)
     projection = reference_arrays(msg).get(PROJECTION)
     own = (data, policy, work, {})
     if projection is None:

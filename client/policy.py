@@ -172,7 +172,7 @@ def what_travels(policy: SitePolicy | None = None) -> str:
     from fedrad.common.egress import aggregate_records
     from fedrad.common.finetune import SHARED_BN_PARTS
     from fedrad.common.records import (ARRAYS, BN_STATS, EVAL_METRICS, LABEL_SHIFT_METRICS, REFERENCE_METRICS,
-                                       SITE, TRAIN_METRICS, WITHHELD, WITHHOLDABLE)
+                                       SITE, SURVIVAL_METRICS, TRAIN_METRICS, WITHHELD, WITHHOLDABLE)
 
     policy = policy or SitePolicy()
     k = policy.max_shift_dim
@@ -190,7 +190,7 @@ def what_travels(policy: SitePolicy | None = None) -> str:
     def on(flag: bool) -> str:
         return "yes" if flag else "no (policy)"
 
-    test_keys = [m for m in EVAL_METRICS if m not in LABEL_SHIFT_METRICS]
+    test_keys = [m for m in EVAL_METRICS if m not in LABEL_SHIFT_METRICS and m not in SURVIVAL_METRICS]
     rows = [
         ("`" + ARRAYS + "`", "train reply", "the shared weights: trainable non-BN tensors of the unfrozen units and "
          f"the head, plus the parts of trainable BN layers the bn-mode shares ({modes('bn')}); exactly the names "
@@ -202,6 +202,9 @@ def what_travels(policy: SitePolicy | None = None) -> str:
          f"class holds 1 to {n - 1} images)", "yes", f"≥ {n} training images", "no"),
         ("`metrics`", "evaluate reply", ", ".join(f"`{m}`" for m in test_keys), "yes",
          f"≥ {n} test images (else only `num-examples`)", "no"),
+        ("`metrics`", "evaluate reply, task = survival", ", ".join(f"`{m}`" for m in SURVIVAL_METRICS)
+         + ", `test-loss` (Harrell's pair counts, not risk scores: the coordinator adds them up)", "yes",
+         f"≥ {n} test images and ≥ {n} test events (else only `num-examples`)", "no"),
         ("`metrics`", "evaluate reply, last round", f"{len(LABEL_SHIFT_METRICS)} label-shift scalars ("
          + ", ".join(f"`{m}`" for m in LABEL_SHIFT_METRICS[:6]) + ", ...)", on(policy.send_label_shift),
          f"≥ {n} test images; EM/BBSE priors ≥ {n} unlabelled", "no"),

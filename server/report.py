@@ -17,6 +17,7 @@ from fedrad.server.label_shift import markdown_section, site_fields, training_pr
 from fedrad.server.report_html import write_html
 from fedrad.server.shift_report import harmonization_markdown
 from fedrad.server.strategy import SiteLog
+from fedrad.server.survival_report import federated_fields, survival_fields, survival_markdown
 
 
 def _clean(value: float) -> float | None:
@@ -53,6 +54,8 @@ def build_report(cfg: RunConfig, sites: dict[str, SiteLog], *, wall_seconds: flo
     """The report dict. `truth` (simulation only, from the lab): per-site ground truth by site name."""
     truth = truth or {}
     prior = training_prior(s.train[max(s.train)] for s in sites.values() if s.train)
+    rows = [{**site_row(sites[name], truth.get(name)), **survival_fields(cfg, sites[name], truth.get(name))}
+            for name in sorted(sites)]
     return {
         "strategy": f"{cfg.bn_mode}, freeze-blocks={cfg.freeze_blocks}",
         "rounds": cfg.num_server_rounds,
@@ -60,7 +63,8 @@ def build_report(cfg: RunConfig, sites: dict[str, SiteLog], *, wall_seconds: flo
         "full_model_bytes": full_model_bytes,
         "shared_payload_bytes": shared_payload_bytes,
         "config": cfg.to_run_config(),
-        "sites": [site_row(sites[name], truth.get(name)) for name in sorted(sites)],
+        "sites": rows,
+        **federated_fields(cfg, rows),  # task = survival: c_index_federated from the sites' pair counts
         "prior_train": None if prior is None else float(prior[1]),  # P(malignant) the federation trained on
         "rejected_updates": [{"round": r, "site": s, "reason": why} for r, s, why in rejected],
         "failed_replies": [{"round": r, "site": s, "reason": why} for r, s, why in failed],
@@ -107,6 +111,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         if report[key]:
             lines += ["", f"## {title}", ""] + [f"- round {e['round']}, {e['site']}: {e['reason']}" for e in report[key]]
     lines += markdown_section(report)
+    lines += survival_markdown(report)
     if "harmonization" in report:
         lines += [""] + harmonization_markdown(report["harmonization"])
     lines += ["", "![AUC per round](report.png)", ""]
