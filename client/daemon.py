@@ -11,6 +11,7 @@ Runtime dependency installation stays off (Flower's SuperNode default).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from fedrad.client.policy import load_policy
@@ -48,6 +49,20 @@ def supernode_command(bundle: SiteBundle, data_dir: Path, work_dir: Path, *, sup
     if max_retries is not None:
         argv += ["--max-retries", str(max_retries)]
     return argv
+
+
+def site_command(supernode: list[str], *, max_memory_mb: int = 0, poll_interval: float | None = None) -> list[str]:
+    """The warm site daemon's command line: `fedrad.client.site_supervisor` around the SuperNode's.
+
+    The supervisor runs the SuperNode with process isolation and one long-lived ClientApp
+    process for the site (`fedrad.client.warm_clientapp`), restarted whenever it exits and
+    recycled above `max_memory_mb`; `poll_interval` caps the SuperNode's idle wait
+    (`fedrad.client.supernode_polling`; None keeps Flower's 3 s).
+    """
+    argv = [sys.executable, "-m", "fedrad.client.site_supervisor", "--max-memory-mb", str(int(max_memory_mb))]
+    if poll_interval is not None:
+        argv += ["--poll-interval", str(poll_interval)]
+    return [*argv, "--", *supernode]
 
 
 def daemon_env(work_dir: Path, threads: int | None = None) -> dict[str, str]:

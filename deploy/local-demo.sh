@@ -87,7 +87,7 @@ say "5/6 site daemons (logs: $DEMO/logs/<site>.log)"
 for site in "${SITES[@]}"; do
   "$PY" -m fedrad.cli site --bundle "$DEMO/certs/sites/$site" --data "$DEMO/data/$site" --work "$DEMO/work/$site" \
     --superlink "$ADDRESS" --port "$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" \
-    --threads 1 >"$DEMO/logs/$site.log" 2>&1 &
+    --threads 1 --poll-interval 0.25 >"$DEMO/logs/$site.log" 2>&1 &
   PIDS+=($!)
 done
 FLWR="$(dirname "$PY")/flwr"

@@ -43,15 +43,6 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    if args.kind == "series":  # CT series + SEG / RTSTRUCT / NIfTI masks + survival (fedrad.lab.synth_series)
-        from fedrad.lab.synth_series import make_series
-
-        if args.legacy:
-            raise SystemExit("fedrad synth: --legacy applies to --kind slices only.")
-        make_series(args.out, seed=args.seed, n_patients=args.patients)
-        return 0
-    if args.patients is not None:
-        raise SystemExit("fedrad synth: --patients applies to --kind series only.")
     make_synthetic(args.out, seed=args.seed, legacy=args.legacy)
     return 0
 
@@ -143,6 +134,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from fedrad.lab.bench import run_bench
 
+    if args.deploy:  # a real deployment on loopback instead (fedrad.lab.deploy_bench)
+        from fedrad.lab.deploy_bench import main as deploy_main
+
+        return deploy_main(args)
     console = Console()
     data = args.data or DEFAULT_DATA
     if args.data is None and not data.is_dir():
@@ -190,20 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "site-a and site-b the unlabelled (deployment) images have another prevalence "
                                    "than the labelled ones, and a labelled deployment evaluation set is written "
                                    "to deploy-audit.csv, which a site reads only to score its corrections.",
-                       epilog="examples:\n  fedrad synth --out data/synthetic --seed 1\n"
-                              "  fedrad synth --kind series --out data/series   # 3 sites of CT series, "
-                              "masks (SEG, RTSTRUCT, NIfTI), time + event",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog="example: fedrad synth --out data/synthetic --seed 1")
     p.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per site)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
     p.add_argument("--legacy", action="store_true",
                    help="the data before deployment shift (no deploy-audit.csv; unlabelled rows drawn from each "
                         "site's labelled population): reproduces figures measured on it byte for byte")
-    p.add_argument("--kind", choices=("slices", "series"), default="slices",
-                   help="slices (default): the 5-site 2-D data; series: 3 sites of CT series (24-64 slices of "
-                        "1.25/2.5/5 mm, one site JPEG 2000), 3-D lesions, masks as DICOM SEG / RTSTRUCT / NIfTI, "
-                        "labels plus survival time and event, truth.json with the true risk model")
-    p.add_argument("--patients", type=int, default=None, help="--kind series: patients per site (default 160)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("simulate", help="run the federation in Flower's Simulation Engine and write a report",
@@ -269,6 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help=f"site folders (default: {DEFAULT_DATA})")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where bench.json goes (default: runs/bench)")
     p.add_argument("--no-simulate", action="store_true", help="skip the (minute-long) default simulation")
+    p.add_argument("--deploy", action="store_true",
+                   help="instead: a secure deployment on loopback (coordinator + site daemons, TLS, node auth), "
+                        "deploy_round_seconds / deploy_site_compute_seconds / deploy_overhead_seconds, and the same "
+                        "run simulated (--data: site folders to use; default: --sites synthetic ones)")
+    p.add_argument("--rounds", type=int, default=5, help="--deploy: rounds (default 5)")
+    p.add_argument("--sites", type=int, default=3, help="--deploy: synthetic sites (default 3)")
+    p.add_argument("--patients", type=int, default=40, help="--deploy: patients per synthetic site (default 40)")
+    p.add_argument("--poll-interval", type=float, default=0.25, help="--deploy: the sites' poll interval (default 0.25)")
+    p.add_argument("--cold", action="store_true", help="--deploy: sites in Flower's own mode (a process per message, "
+                                                       "3 s polls) instead of warm")
+    p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
+                   help="--deploy: run-config overrides for both runs")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("bench-gpu", help="GPU benchmark: local-training images/s vs bare forward+backward images/s",

@@ -7,8 +7,9 @@
     fedrad submit --certs certs --out /var/lib/fedrad/runs/exp1 --rounds 10
 
 Each parses its flags and calls one function of `fedrad.server.provision`, `fedrad.server.coordinator`
-or `fedrad.client.daemon`; the daemons replace this process by Flower's own program (exec), so
-systemd and containers signal Flower directly. deploy/README.md is the operator's guide.
+or `fedrad.client.daemon`; the daemons replace this process (exec) by Flower's own program (the
+coordinator) or by the site supervisor (`fedrad.client.site_supervisor`), so systemd and containers
+signal them directly. deploy/README.md is the operator's guide.
 """
 
 from __future__ import annotations
@@ -63,12 +64,14 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_site(args: argparse.Namespace) -> int:
-    from fedrad.client.daemon import daemon_env, supernode_command
+    from fedrad.client.daemon import daemon_env, site_command, supernode_command
     from fedrad.common.bundle import SiteBundle
     from fedrad.common.flower_tools import exec_flower, show
 
     argv = supernode_command(SiteBundle(args.bundle), args.data, args.work, superlink=args.superlink, site=args.site,
                              port=args.port, max_retries=args.max_retries, policy=args.policy)
+    if not args.cold:  # the SuperNode plus the site's warm ClientApp process, supervised
+        argv = site_command(argv, max_memory_mb=args.max_memory_mb, poll_interval=args.poll_interval)
     if args.dry_run:
         print(show(argv))
         return 0
@@ -194,7 +197,15 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", type=Path, default=None,
                    help="the site's policy (TOML): what it sends and takes part in (default: site-policy.toml in "
                         "--data if present, else the documented defaults; see `fedrad policy`)")
-    p.add_argument("--dry-run", action="store_true", help="print the flower-supernode command instead of running it")
+    p.add_argument("--max-memory-mb", type=int, default=4096,
+                   help="the site's warm ClientApp process starts afresh after a message that leaves it above this "
+                        "resident memory (default 4096; 0: no bound)")
+    p.add_argument("--poll-interval", type=float, default=None,
+                   help="seconds the SuperNode waits between asking for messages (default: Flower's 3; 0.25 suits a "
+                        "LAN or loopback; see deploy/README.md for the idle traffic)")
+    p.add_argument("--cold", action="store_true",
+                   help="Flower's own mode instead: a fresh ClientApp process per message (no warm process)")
+    p.add_argument("--dry-run", action="store_true", help="print the site daemon's command instead of running it")
     p.set_defaults(func=cmd_site)
 
     p = sub.add_parser("policy", formatter_class=FMT, help="show a site policy: what the site will send",

@@ -49,7 +49,7 @@ from fedrad.common.records import (
     moment_keys,
 )
 from fedrad.server.identity import IdentityRefused, bind
-from fedrad.server.rounds import registered_names
+from fedrad.server.rounds import registered_names, send_and_receive
 from fedrad.server.strategy import failure
 
 log = logging.getLogger("fedrad.coordinator")
@@ -145,7 +145,7 @@ def query_sites(grid: Grid, cfg: RunConfig, kind: str, reference: ArrayRecord | 
         names = registered_names(grid)
         asked.update({node: names.get(node, "") for node in nodes})
     ok, failed = [], []
-    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+    for reply in send_and_receive(grid, messages, cfg.round_timeout):  # short polls (fedrad.server.rounds)
         if reply.has_error():
             failed.append(f"node {reply.metadata.src_node_id}: {failure(reply)}")
             log.warning("%s query: %s", kind, failed[-1])

@@ -50,6 +50,36 @@ def _record_lost(strategy: FedRad, server_round: int, node: int, reason: str) ->
     log.warning("round %d: %s: %s; the round goes on with the others", server_round, name, reason)
 
 
+GRID_POLL_S = 0.1  # seconds between the coordinator's asks for replies (Flower's deployment Grid: 3 s)
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float, *, poll: float | None = None
+                     ) -> list[Message]:
+    """`Grid.send_and_receive`, with a short poll on the deployment Grid: push, then pull every `poll` s.
+
+    Flower 1.42's deployment Grid (`HttpGrid`) sleeps a fixed 3 s between pulls (not
+    settable), so a reply waits 1.5 s on average after it has reached the SuperLink. The
+    ServerApp runs beside the SuperLink, so asking every `GRID_POLL_S` costs a few small
+    local requests. Other grids (the Simulation Engine's polls every 0.1 s) are used as they are.
+    """
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    if poll is None and not isinstance(grid, HttpGrid):
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    poll = GRID_POLL_S if poll is None else poll
+    pending = set(grid.push_messages(messages))
+    end = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or time.monotonic() >= end:
+            break
+        time.sleep(poll)
+    return replies
+
+
 def _exchange(grid: Grid, strategy: FedRad, messages: list[Message], server_round: int, stage: str,
               timeout: float) -> list[Message]:
     """Send, wait up to `timeout`, and record (by site name) the sites that did not reply.
@@ -59,7 +89,7 @@ def _exchange(grid: Grid, strategy: FedRad, messages: list[Message], server_roun
     strategy sees only what the sites themselves sent.
     """
     _learn_names(strategy, registered_names(grid))  # so a site lost in its first round is named
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = send_and_receive(grid, messages, timeout)
     dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
     answered, kept = set(), []
     for reply in replies:
