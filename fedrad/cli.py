@@ -43,6 +43,15 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    if args.kind == "series":  # CT series + SEG / RTSTRUCT / NIfTI masks + survival (fedrad.lab.synth_series)
+        from fedrad.lab.synth_series import make_series
+
+        if args.legacy:
+            raise SystemExit("fedrad synth: --legacy applies to --kind slices only.")
+        make_series(args.out, seed=args.seed, n_patients=args.patients)
+        return 0
+    if args.patients is not None:
+        raise SystemExit("fedrad synth: --patients applies to --kind series only.")
     make_synthetic(args.out, seed=args.seed, legacy=args.legacy)
     return 0
 
@@ -185,12 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "site-a and site-b the unlabelled (deployment) images have another prevalence "
                                    "than the labelled ones, and a labelled deployment evaluation set is written "
                                    "to deploy-audit.csv, which a site reads only to score its corrections.",
-                       epilog="example: fedrad synth --out data/synthetic --seed 1")
+                       epilog="examples:\n  fedrad synth --out data/synthetic --seed 1\n"
+                              "  fedrad synth --kind series --out data/series   # 3 sites of CT series, "
+                              "masks (SEG, RTSTRUCT, NIfTI), time + event",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per site)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
     p.add_argument("--legacy", action="store_true",
                    help="the data before deployment shift (no deploy-audit.csv; unlabelled rows drawn from each "
                         "site's labelled population): reproduces figures measured on it byte for byte")
+    p.add_argument("--kind", choices=("slices", "series"), default="slices",
+                   help="slices (default): the 5-site 2-D data; series: 3 sites of CT series (24-64 slices of "
+                        "1.25/2.5/5 mm, one site JPEG 2000), 3-D lesions, masks as DICOM SEG / RTSTRUCT / NIfTI, "
+                        "labels plus survival time and event, truth.json with the true risk model")
+    p.add_argument("--patients", type=int, default=None, help="--kind series: patients per site (default 160)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("simulate", help="run the federation in Flower's Simulation Engine and write a report",
