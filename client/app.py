@@ -75,6 +75,7 @@ from fedrad.common.records import (
     REFERENCE,
     REFERENCE_HISTOGRAM,
     REFERENCE_METRICS,
+    RELIABILITY_METRICS,
     SITE,
     TRAIN_METRICS,
     WITHHELD,
@@ -343,7 +344,7 @@ def suppress_small_counts(metrics: dict[str, float], data: SiteData, policy: Sit
     consent, and those estimated on the unlabelled pool (EM, BBSE) need `min-count` of them.
     """
     out, withheld = dict(metrics), {}
-    shift_keys = [k for k in out if k in LABEL_SHIFT_METRICS]
+    shift_keys = [k for k in out if k in LABEL_SHIFT_METRICS or k in RELIABILITY_METRICS]
     if len(data.y_test) < policy.min_count:
         for key in [*TEST_METRICS, *shift_keys]:
             out.pop(key, None)
@@ -357,6 +358,10 @@ def suppress_small_counts(metrics: dict[str, float], data: SiteData, policy: Sit
     elif shift_keys and len(data.x_unlabelled) < policy.min_count:
         for key in ("prior-em", "prior-bbse"):
             out.pop(key, None)
+    for key in [k for k in out if k in RELIABILITY_METRICS and k.endswith("-n")]:
+        if out[key] < policy.min_count:  # a reliability bin of fewer images is not sent at all
+            for part in ("n", "conf", "pos"):
+                out.pop(key[:-1] + part, None)
     return out, withheld
 
 

@@ -171,8 +171,20 @@ def what_travels(policy: SitePolicy | None = None) -> str:
     """
     from fedrad.common.egress import aggregate_records
     from fedrad.common.finetune import SHARED_BN_PARTS
-    from fedrad.common.records import (ARRAYS, BN_STATS, EVAL_METRICS, LABEL_SHIFT_METRICS, REFERENCE_METRICS,
-                                       SITE, SURVIVAL_METRICS, TRAIN_METRICS, WITHHELD, WITHHOLDABLE)
+    from fedrad.common.records import (
+        ARRAYS,
+        BN_STATS,
+        EVAL_METRICS,
+        LABEL_SHIFT_METRICS,
+        REFERENCE_METRICS,
+        RELIABILITY_BINS,
+        RELIABILITY_METRICS,
+        SITE,
+        SURVIVAL_METRICS,
+        TRAIN_METRICS,
+        WITHHELD,
+        WITHHOLDABLE,
+    )
 
     policy = policy or SitePolicy()
     k = policy.max_shift_dim
@@ -190,7 +202,7 @@ def what_travels(policy: SitePolicy | None = None) -> str:
     def on(flag: bool) -> str:
         return "yes" if flag else "no (policy)"
 
-    test_keys = [m for m in EVAL_METRICS if m not in LABEL_SHIFT_METRICS and m not in SURVIVAL_METRICS]
+    test_keys = [m for m in EVAL_METRICS if m not in LABEL_SHIFT_METRICS and m not in RELIABILITY_METRICS and m not in SURVIVAL_METRICS]
     rows = [
         ("`" + ARRAYS + "`", "train reply", "the shared weights: trainable non-BN tensors of the unfrozen units and "
          f"the head, plus the parts of trainable BN layers the bn-mode shares ({modes('bn')}); exactly the names "
@@ -208,6 +220,9 @@ def what_travels(policy: SitePolicy | None = None) -> str:
         ("`metrics`", "evaluate reply, last round", f"{len(LABEL_SHIFT_METRICS)} label-shift scalars ("
          + ", ".join(f"`{m}`" for m in LABEL_SHIFT_METRICS[:6]) + ", ...)", on(policy.send_label_shift),
          f"≥ {n} test images; EM/BBSE priors ≥ {n} unlabelled", "no"),
+        ("`metrics`", "evaluate reply, last round", f"reliability diagrams before and after correction: per bin of "
+         f"P(malignant) (of {RELIABILITY_BINS}) the image count, mean prediction and fraction malignant (`rel-…`)",
+         on(policy.send_label_shift), f"each bin ≥ {n} test images", "no"),
         ("`intensity`", "reference query", shapes(histogram) + " HU counts in fixed bins; metrics "
          + ", ".join(f"`{m}`" for m in REFERENCE_METRICS) + " (spacing as quantiles)", on(policy.send_histogram),
          f"≥ {n} images", "no"),

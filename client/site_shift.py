@@ -55,7 +55,7 @@ from fedrad.client.personalise import disagreement, head_probs, personalise_head
 from fedrad.common.config import RunConfig
 from fedrad.common.efficientnet_lite import EfficientNetLite0
 from fedrad.common.labelshift import PriorEstimate, bbse_prior, correct_posteriors, em_prior, prior_from_counts
-from fedrad.common.metrics import brier_score, classification_metrics, ece_noise_floor
+from fedrad.common.metrics import brier_score, classification_metrics, ece_noise_floor, reliability_bins
 from fedrad.common.model import NUM_CLASSES
 from fedrad.common.shift_flags import FALLBACK, ShiftFlag, describe
 
@@ -207,6 +207,9 @@ def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_un
         m = classification_metrics(y_test, probs[:, 1])
         out.update({f"ece-{name}": m["ece"], f"brier-{name}": brier_score(y_test, probs[:, 1]),
                     f"balanced-accuracy-{name}": m["balanced-accuracy"]})
+        for b, (n, conf, pos) in enumerate(reliability_bins(y_test, probs[:, 1])):  # the diagram's aggregates
+            out.update({f"rel-{name}-{b}-n": n} if n == 0 else
+                       {f"rel-{name}-{b}-n": n, f"rel-{name}-{b}-conf": conf, f"rel-{name}-{b}-pos": pos})
     out["ece-floor"] = ece_noise_floor(corrected[:, 1])  # what ECE perfect calibration scores at this test size
     return SiteCorrection(out, corrected, reference, flags, calibrate, priors, bbse_reason)
 

@@ -121,11 +121,14 @@ class WarmClientApp:
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         message = reply = context = None
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+        marks = [time.perf_counter()]
         try:
             heartbeat.start()
             message, context, run, fab = pull_task_input(client)
             client_app = self._load_app(run, fab)
+            marks.append(time.perf_counter())
             reply = client_app(message=message, context=context)
+            marks.append(time.perf_counter())
             status, details = SubStatus.COMPLETED, ""
         except Exception as ex:  # noqa: BLE001 - Flower's own handling: an error reply, the process goes on
             code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) else \
@@ -147,6 +150,10 @@ class WarmClientApp:
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
+            if len(marks) == 3:  # where a message's time goes, for the operator (and `fedrad bench --deploy`)
+                done = time.perf_counter()
+                log.info("%s message: pull %.2f s, ClientApp %.2f s, push %.2f s", message.metadata.message_type,
+                         marks[1] - marks[0], marks[2] - marks[1], done - marks[2])
 
 
 def forget_modules_under(folder: Path) -> None:
@@ -176,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-interval", type=float, default=0.05, help="seconds between task polls (local API)")
     parser.add_argument("--superexec-auth-secret-file", type=Path, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll of the local Runtime API
     if args.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 

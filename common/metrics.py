@@ -12,6 +12,8 @@ tell a real calibration gain from one the estimator cannot resolve.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
 
@@ -68,3 +70,24 @@ def classification_metrics(y_true: np.ndarray, p_pos: np.ndarray) -> dict[str, f
         "ece": expected_calibration_error(y_true, p_pos),
         "test-loss": float(log_loss(y_true, np.clip(p_pos, 1e-7, 1 - 1e-7), labels=[0, 1])) if y_true.size else float("nan"),
     }
+
+
+RELIABILITY_BINS = 10
+
+
+def reliability_bins(y_true: np.ndarray, p_pos: np.ndarray, n_bins: int = RELIABILITY_BINS
+                     ) -> list[tuple[int, float, float]]:
+    """Per equal-width bin of P(positive): (images, mean predicted P, observed fraction positive).
+
+    The aggregate a reliability diagram is drawn from (the same numbers as scikit-learn's
+    `calibration_curve`, plus the count, which a site needs for its small-count rule). An
+    empty bin is (0, nan, nan).
+    """
+    y_true, p_pos = np.asarray(y_true, dtype=float), np.asarray(p_pos, dtype=float)
+    bins = np.minimum((p_pos * n_bins).astype(int), n_bins - 1)
+    out = []
+    for b in range(n_bins):
+        mask = bins == b
+        n = int(mask.sum())
+        out.append((n, float(p_pos[mask].mean()) if n else math.nan, float(y_true[mask].mean()) if n else math.nan))
+    return out

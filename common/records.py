@@ -58,13 +58,24 @@ LABEL_SHIFT_METRICS = (  # last round only (fedrad.common.shift_flags, fedrad.cl
     "auc-personalised", "disagreement", "concept-shift", "label-shift-flags", "prior-labelled", "n-deploy-eval",
     *(f"{what}-deploy-{method}" for method in ("none", "labelled", "em", "bbse", "oracle")
       for what in ("prior", "ece", "brier", "balanced-accuracy")))  # on the deployment evaluation set
+RELIABILITY_BINS = 10  # equal-width bins of P(malignant) (fedrad.common.metrics.reliability_bins)
+
+
+def reliability_keys(name: str, n_bins: int = RELIABILITY_BINS) -> tuple[str, ...]:
+    """Metric keys of one reliability diagram: `rel-<name>-<bin>-n|conf|pos` (count, mean P, fraction positive)."""
+    return tuple(f"rel-{name}-{b}-{part}" for b in range(n_bins) for part in ("n", "conf", "pos"))
+
+
+# Last round: the test split's reliability diagram before and after correction, bins of >= min-count images only.
+RELIABILITY_METRICS = (*reliability_keys("uncorrected"), *reliability_keys("corrected"))
 # task = survival (fedrad.client.survival_site): the test split's C-index with Harrell's pair counts (which add up
 # across sites into the federated C-index), its number of events, td-AUC at its median follow-up, integrated Brier.
 C_INDEX, TD_AUC, IBS, N_EVENTS = "c-index", "td-auc", "integrated-brier", "n-events"
 PAIRS = ("pairs-concordant", "pairs-discordant", "pairs-tied-risk")
 SURVIVAL_METRICS = (C_INDEX, *PAIRS, N_EVENTS, TD_AUC, IBS)
 TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "n-train", "n-test", "n-skipped", "seconds", BN_SAMPLES, *CLASS_COUNTS)
-EVAL_METRICS = (NUM_EXAMPLES, "auc", "balanced-accuracy", "ece", "test-loss", *SURVIVAL_METRICS, *LABEL_SHIFT_METRICS)
+EVAL_METRICS = (NUM_EXAMPLES, "auc", "balanced-accuracy", "ece", "test-loss", *SURVIVAL_METRICS, *LABEL_SHIFT_METRICS,
+                *RELIABILITY_METRICS)
 N_FEATURES = "n-features"  # images the feature moments were taken over
 REFERENCE_METRICS = ("n-images", "n-pixels", "n-constant", "spacing-median-mm", "spacing-p05-mm",
                      "spacing-p95-mm")  # spacing summary and histogram counts of a reference-query reply

@@ -13,6 +13,7 @@ from typing import Any
 
 from fedrad.common.config import RunConfig
 from fedrad.common.dp import epsilon
+from fedrad.common.records import RELIABILITY_BINS
 from fedrad.server.label_shift import markdown_section, site_fields, training_prior
 from fedrad.server.report_html import write_html
 from fedrad.server.shift_report import harmonization_markdown
@@ -45,7 +46,25 @@ def site_row(site: SiteLog, truth: dict[str, Any] | None = None) -> dict[str, An
         **site_fields(site.name, last_eval, truth),
         # what the site kept back, over the run: aggregate -> reason code (its policy, or too few images)
         "withheld": {what: code for r in sorted(site.withheld) for what, code in site.withheld[r].items()},
+        "reliability": reliability(last_eval),
     }
+
+
+def reliability(metrics: Mapping[str, float]) -> dict[str, list[list[float] | None]]:
+    """The test split's reliability diagrams before and after correction, as the site sent them.
+
+    Per bin of P(malignant): [images, mean predicted, fraction positive], or None where the
+    bin was empty or held fewer images than the site's min-count (it does not send those).
+    """
+    out = {}
+    for name in ("uncorrected", "corrected"):
+        bins = []
+        for b in range(RELIABILITY_BINS):
+            parts = [metrics.get(f"rel-{name}-{b}-{part}") for part in ("n", "conf", "pos")]
+            bins.append(None if any(v is None or not math.isfinite(v) for v in parts) else [float(v) for v in parts])
+        if any(bins):
+            out[name] = bins
+    return out
 
 
 def build_report(cfg: RunConfig, sites: dict[str, SiteLog], *, wall_seconds: float, full_model_bytes: int,

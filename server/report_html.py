@@ -3,10 +3,11 @@
 Rendered from report.md (the same tables: per-site results, the label-shift table, the shift
 table) by markdown-it-py, with every plot embedded as a base64 PNG `data:` URI: no script, no
 stylesheet or font from anywhere, no CDN, nothing fetched when it opens. Beside the AUC per
-round it shows calibration before and after the sites' correction. The coordinator only
-receives each site's ECE before and after, not its posteriors, so the figure is the ECE pair
-per site (with the floor perfect calibration scores on that test split); a site draws its own
-reliability diagram with `fedrad evaluate` (its posteriors never leave it).
+round it shows calibration before and after the sites' correction: each site's reliability
+diagram on its test split, drawn from the per-bin aggregates the site sends in the last round
+(images, mean predicted P(malignant), fraction malignant; bins of fewer than the site's
+min-count images are not sent, and show as gaps), and the ECE pair per site with its floor.
+No posterior leaves a site; `fedrad evaluate` draws the full diagram there.
 """
 
 from __future__ import annotations
@@ -59,6 +60,38 @@ def plot_calibration(report: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def plot_reliability(report: dict[str, Any], path: Path) -> Path | None:
+    """One reliability diagram per site, before and after its correction; None when no site sent bins."""
+    sites = [s for s in report["sites"] if s.get("reliability")]
+    if not sites:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sites), figsize=(2.6 * len(sites) + 0.4, 2.9), squeeze=False)
+    for ax, site in zip(axes[0], sites):
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        for name, style in (("uncorrected", "o-"), ("corrected", "s-")):
+            bins = site["reliability"].get(name) or []
+            pts = [(b[1], b[2]) for b in bins if b is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, ms=3, lw=1, label="before" if name == "uncorrected" else "after")
+        ax.set_title(site["name"], fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("predicted P(malignant)", fontsize=7)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("fraction malignant", fontsize=7)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Reliability on each site's test split, before and after its correction", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -87,10 +120,15 @@ def write_html(report: dict[str, Any], markdown: str, out_dir: Path) -> Path:
     """report.html (and calibration.png) in `out_dir`, from the report and its report.md text."""
     out_dir = Path(out_dir)
     figure = plot_calibration(report, out_dir / "calibration.png")
+    diagrams = plot_reliability(report, out_dir / "reliability.png")
+    if figure is not None or diagrams is not None:
+        markdown += "\n## Calibration before and after correction\n\n"
+    if diagrams is not None:
+        markdown += ("![Reliability diagrams before and after correction](reliability.png)\n\nPer bin of "
+                     "P(malignant) the sites sent the image count, the mean prediction and the fraction "
+                     "malignant; bins below a site's min-count are not sent (gaps).\n\n")
     if figure is not None:
-        markdown += ("\n## Calibration before and after correction\n\n![ECE before and after correction]"
-                     "(calibration.png)\n\nReliability diagrams per site: `fedrad evaluate` at the site "
-                     "(its posteriors never leave it).\n")
+        markdown += "![ECE before and after correction](calibration.png)\n"
     path = out_dir / "report.html"
     path.write_text(render_html(markdown, out_dir, title=f"fedrad run report · {report.get('strategy', '')}"),
                     encoding="utf-8")
