@@ -14,8 +14,9 @@ What it reports (bench.json):
   the evaluation of a few dozen test images on cached features is a fraction of a second);
 - `deploy_overhead_seconds` = round - max site compute: what the deployment adds (process
   starts, loading, polling, TLS, serialisation); its median over rounds 2..R is the headline;
-- `deploy_site_peak_rss_mb`: the peak resident memory of all site processes together
-  (daemons and whatever they start), sampled every 0.25 s;
+- `deploy_site_peak_rss_mb` / `deploy_site_peak_pss_mb`: the peak memory of all site processes
+  together (daemons and whatever they start), sampled every 0.5 s: summed RSS (counts shared
+  library pages once per process) and summed PSS (what they take from the machine);
 - the `sim_` figures of the same run in the Simulation Engine, and the ratio of the median
   rounds (2..R), so the deployment's cost is read against simulation on the same machine.
 
@@ -59,34 +60,43 @@ def _tree(pid: int) -> list:
         return []
 
 
-def tree_rss(pids: Sequence[int]) -> int:
-    """Resident bytes of these processes and all their descendants, now."""
+def tree_memory(pids: Sequence[int]) -> tuple[int, int]:
+    """(RSS, PSS) bytes of these processes and all their descendants, now.
+
+    RSS counts the shared pages of every process again (torch's libraries, mapped by each
+    site process); PSS splits each shared page among the processes that map it, so the
+    PSS sum is what the processes together take from the machine.
+    """
     import psutil
 
-    total = 0
+    rss = pss = 0
     for pid in pids:
         for proc in _tree(pid):
             try:
-                total += proc.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-    return total
+                info = proc.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+    return rss, pss
 
 
-class PeakRSS:
-    """Samples `tree_rss(pids())` every `every` seconds in a thread; `.peak` is the largest seen (bytes)."""
+class PeakMemory:
+    """Samples `tree_memory(pids())` every `every` seconds in a thread; `.rss` / `.pss`: the largest sums seen."""
 
-    def __init__(self, pids: Callable[[], Sequence[int]], every: float = 0.25) -> None:
-        self.peak, self._pids, self._every = 0, pids, every
+    def __init__(self, pids: Callable[[], Sequence[int]], every: float = 0.5) -> None:
+        self.rss = self.pss = 0
+        self._pids, self._every = pids, every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(self._pids()))
+            rss, pss = tree_memory(self._pids())
+            self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
             self._stop.wait(self._every)
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -235,7 +245,7 @@ def run_deployment(data: Path, root: Path, *, rounds: int, run_config: str, site
 
         _wait(f"{len(sites)} sites online", online, procs, poll=1.0)
         progress(f"{rounds} rounds over TLS with node authentication ...")
-        with PeakRSS(lambda: procs.pids("site-")) as peak:
+        with PeakMemory(lambda: procs.pids("site-")) as peak:
             start = time.perf_counter()
             subprocess.run(_cli("submit", "--certs", str(certs), "--superlink", address, "--out", str(out),
                                 "--rounds", str(rounds), "--run-config", run_config), env=env, check=True,
@@ -243,8 +253,8 @@ def run_deployment(data: Path, root: Path, *, rounds: int, run_config: str, site
             _wait("the report", lambda: (out / "report.json").is_file(), procs)
             wall = time.perf_counter() - start
         figures = _figures("deploy", out, rounds)
-        figures.update(deploy_wall_seconds=round(wall, 2), deploy_site_peak_rss_mb=round(peak.peak / 2**20, 1),
-                       deploy_sites=len(sites))
+        figures.update(deploy_wall_seconds=round(wall, 2), deploy_site_peak_rss_mb=round(peak.rss / 2**20, 1),
+                       deploy_site_peak_pss_mb=round(peak.pss / 2**20, 1), deploy_sites=len(sites))
         return figures
     finally:
         procs.stop()
@@ -281,12 +291,13 @@ def simulation_figures(data: Path, out: Path, *, rounds: int, run_config: str) -
                *(["--run-config", run_config] if run_config else []))
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    with PeakRSS(lambda: [proc.pid]) as peak:
+    with PeakMemory(lambda: [proc.pid]) as peak:
         _, err = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"fedrad simulate failed (exit {proc.returncode}):\n{err[-3000:]}")
     figures = _figures("sim", out, rounds)
-    figures.update(sim_wall_seconds=round(time.perf_counter() - start, 2), sim_peak_rss_mb=round(peak.peak / 2**20, 1))
+    figures.update(sim_wall_seconds=round(time.perf_counter() - start, 2), sim_peak_rss_mb=round(peak.rss / 2**20, 1),
+                   sim_peak_pss_mb=round(peak.pss / 2**20, 1))
     return figures
 
 
@@ -313,7 +324,8 @@ def main(args: Any) -> int:
         table.add_row(*row)
     console.print(table)
     console.print(f"overhead, median of rounds 2..{args.rounds}: {results['deploy_overhead_median_seconds']:.2f} s · "
-                  f"site processes' peak memory {results['deploy_site_peak_rss_mb']:,.0f} MB"
+                  f"site processes' peak memory {results['deploy_site_peak_pss_mb']:,.0f} MB PSS "
+                  f"({results['deploy_site_peak_rss_mb']:,.0f} MB RSS)"
                   + (f" · deployment/simulation round ratio {results['deploy_vs_sim_round_ratio']:.2f}"
                      if "deploy_vs_sim_round_ratio" in results else ""), soft_wrap=True)
     console.print(f"written: {args.out / 'bench.json'}", soft_wrap=True)

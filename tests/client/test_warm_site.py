@@ -39,15 +39,17 @@ def test_the_site_command_wraps_the_supernode_command_unchanged():
 def test_the_poll_cap_shortens_waits_of_that_module_only():
     import flwr.supernode.start_client_internal as internal
 
-    original = internal.time
+    original, pull = internal.time, internal.pull_objects
     try:
         assert supernode_polling.cap_waits(internal, 0.01)
         start = time.perf_counter()
         internal.time.sleep(3)
         assert time.perf_counter() - start < 1.0
         assert internal.time.monotonic() > 0  # the rest of `time` is still there
+        assert internal.pull_objects.func is pull  # Flower's own function, with quicker retries
+        assert internal.pull_objects.keywords["initial_backoff"] < 1.0
     finally:
-        internal.time = original
+        internal.time, internal.pull_objects = original, pull
     assert internal.time.sleep is time.sleep  # nothing else was touched
 
 
