@@ -23,11 +23,11 @@ def checkpoint_round(out) -> int:
     return 0 if ckpt is None else ckpt.round
 
 
-def start_sites(deployment, sites=SITES) -> None:
+def start_sites(deployment, sites=SITES, extra: tuple[str, ...] = ()) -> None:
     deployment.start_coordinator()
     deployment.register(*sites)
     for site in sites:
-        deployment.start_site(site)
+        deployment.start_site(site, extra=extra)
     deployment.wait_online(len(sites))
 
 

@@ -31,7 +31,7 @@ def warm_pids(daemon) -> list[int]:
 
 def test_a_killed_warm_process_is_replaced_and_one_process_serves_every_message(deployment, tmp_path):
     sites = ("a", "b")
-    start_sites(deployment, sites)
+    start_sites(deployment, sites, extra=("--warm", "--poll-interval", "0.25"))
     first = {s: warm_pids(deployment.sites[s]) for s in sites}
     assert all(len(p) == 1 for p in first.values()), first
     os.kill(first["a"][0], signal.SIGKILL)  # a crash: the daemon must replace it (SuperNode untouched)
