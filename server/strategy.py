@@ -69,6 +69,7 @@ from fedrad.server.identity import IdentityRefused, bind, declared_name
 from fedrad.server.label_shift import training_prior
 
 log = logging.getLogger("fedrad.coordinator")
+MIN_POOLED_SITES = 3  # bn-shrink: the pooled BN statistics are sent only when pooled over this many sites
 
 
 @dataclass
@@ -127,7 +128,10 @@ class FedRad(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self.reference = to_numpy(arrays)  # the yardstick of the norm-outlier rule
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        pooled = self.bn_registry.pooled() if self.bn_shrink > 0 else {}
+        # With two sites a site could subtract its own statistics from the pool and read the other's: the pool
+        # goes out only once it holds at least MIN_POOLED_SITES sites.
+        enough = len(self.bn_registry.sites) >= MIN_POOLED_SITES
+        pooled = self.bn_registry.pooled() if self.bn_shrink > 0 and enough else {}
         for msg in messages if pooled else []:  # the same aggregate for every site
             msg.content[BN_POOLED] = from_numpy(pooled)
         return messages

@@ -36,6 +36,10 @@ def test_training_messages_carry_the_pooled_bn_statistics_only_with_bn_shrink(sh
     first = list(strategy.configure_train(1, arrays, ConfigRecord({}), FakeGrid()))
     assert len(first) == 2 and all(BN_POOLED not in m.content for m in first)  # round 1: nothing pooled yet
     strategy.aggregate_train(1, [reply("a", 10, 0.0, 1.0), reply("b", 30, 2.0, 4.0)])
+    two = list(strategy.configure_train(2, arrays, ConfigRecord({}), FakeGrid()))
+    assert all(BN_POOLED not in m.content for m in two)  # a pool of two: either site could read the other's off it
+    # a third site with exactly a and b's pooled moments (mean 1.5, variance 4.0) leaves the pool unchanged
+    strategy.aggregate_train(1, [reply("a", 10, 0.0, 1.0), reply("b", 30, 2.0, 4.0), reply("c", 40, 1.5, 4.0)])
     second = list(strategy.configure_train(2, arrays, ConfigRecord({}), FakeGrid()))
     assert len(second) == 2
     if shrink == 0:
