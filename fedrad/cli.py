@@ -56,22 +56,26 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_with_data(args: argparse.Namespace) -> "RunConfig":  # noqa: F821
+    """The run config with `--run-config` overrides, `--data` (default: the built-in data, generated if absent
+    with the run's seed) and `--rounds`: what every command that runs federations starts from."""
+    cfg = load_config(args.run_config)
+    data = args.data or DEFAULT_DATA
+    if args.data is None and not data.is_dir():
+        make_synthetic(data, seed=cfg.seed)
+    changes = {"data_dir": str(data.resolve())}
+    if args.rounds is not None:
+        changes["num_server_rounds"] = args.rounds
+    return cfg.replace(**changes)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from fedrad.lab.simulate import simulate
 
-    cfg = load_config(args.run_config)
-    data = args.data
-    if data is None:
-        data = DEFAULT_DATA
-        if not data.is_dir():
-            make_synthetic(data, seed=cfg.seed)
-    changes = {"data_dir": str(data.resolve()), "out_dir": str(args.out.resolve())}
-    if args.rounds is not None:
-        changes["num_server_rounds"] = args.rounds
-    cfg = cfg.replace(**changes)
+    cfg = config_with_data(args).replace(out_dir=str(args.out.resolve()))
     report = simulate(cfg, num_cpus=args.cpus, resume=args.resume)
     table = Table(title=f"fedrad simulate · {report['strategy']} · {report['rounds']} rounds · "
                         f"{report['simulate_wall_seconds']:.0f} s")
@@ -94,15 +98,8 @@ def cmd_shift(args: argparse.Namespace) -> int:
 
     from fedrad.lab.shift_study import run_shift_study
 
-    cfg = load_config(args.run_config)
-    data = args.data or DEFAULT_DATA
-    if args.data is None and not data.is_dir():
-        make_synthetic(data, seed=cfg.seed)
-    changes = {"data_dir": str(data.resolve())}
-    if args.rounds is not None:
-        changes["num_server_rounds"] = args.rounds
     console = Console()
-    study = run_shift_study(cfg.replace(**changes), args.out.resolve(), seeds=range(args.seeds), method=args.method,
+    study = run_shift_study(config_with_data(args), args.out.resolve(), seeds=range(args.seeds), method=args.method,
                             num_cpus=args.cpus, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     table = Table(title=f"fedrad shift · harmonize off vs {study['method']} · mean over {len(study['seeds'])} seed(s)")
     for col in ("site", "spacing mm", "shift pretrained off→on", "shift last round off→on", "AUC off→on"):
@@ -121,16 +118,9 @@ def cmd_dp(args: argparse.Namespace) -> int:
 
     from fedrad.lab.dp_study import run_dp_study
 
-    cfg = load_config(args.run_config)
-    data = args.data or DEFAULT_DATA
-    if args.data is None and not data.is_dir():
-        make_synthetic(data, seed=cfg.seed)
-    changes = {"data_dir": str(data.resolve())}
-    if args.rounds is not None:
-        changes["num_server_rounds"] = args.rounds
     noises = [float(v) for v in args.noise.split(",") if v.strip()]
     console = Console()
-    study = run_dp_study(cfg.replace(**changes), args.out.resolve(), noises=noises, seeds=range(args.seeds),
+    study = run_dp_study(config_with_data(args), args.out.resolve(), noises=noises, seeds=range(args.seeds),
                          clip=args.clip, num_cpus=args.cpus, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     console.print((args.out / "dp.md").read_text(), markup=False)
     console.print(f"written: {args.out / 'dp.json'}, {args.out / 'dp.md'} ({len(study['runs'])} runs)", soft_wrap=True)
@@ -176,6 +166,18 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     from fedrad.lab.gpu_bench import main as gpu_main
 
     return gpu_main(args)
+
+
+def add_study_arguments(p: argparse.ArgumentParser, *, out: str) -> None:
+    """The flags every multi-seed study shares (`fedrad shift`, `fedrad dp`)."""
+    p.add_argument("--data", type=Path, default=None,
+                   help=f"folder with one sub-folder per site (default: {DEFAULT_DATA}, generated if absent)")
+    p.add_argument("--out", type=Path, default=Path(out), help=f"output folder (default: {out})")
+    p.add_argument("--seeds", type=int, default=3, help="run seeds 0..N-1 (default: 3)")
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds per run (run-config num-server-rounds)")
+    p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
+                   help="override [tool.flwr.app.config] keys for every run")
+    p.add_argument("--cpus", type=int, default=None, help="CPU cores each simulation may use (default: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,16 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "site spacing, intensity summary, shift score off/on and test AUC off/on, "
                                    "means over the seeds.",
                        epilog="example: fedrad shift --out runs/shift --seeds 3 --method median")
-    p.add_argument("--data", type=Path, default=None,
-                   help=f"folder with one sub-folder per site (default: {DEFAULT_DATA}, generated if absent)")
-    p.add_argument("--out", type=Path, default=Path("runs/shift"), help="output folder (default: runs/shift)")
-    p.add_argument("--seeds", type=int, default=3, help="run seeds 0..N-1 (default: 3)")
+    add_study_arguments(p, out="runs/shift")
     p.add_argument("--method", default="median", choices=["quantile", "landmarks", "median"],
                    help="harmonisation of the 'on' runs (default: median)")
-    p.add_argument("--rounds", type=int, default=None, help="federated rounds per run (run-config num-server-rounds)")
-    p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
-                   help="override [tool.flwr.app.config] keys for every run")
-    p.add_argument("--cpus", type=int, default=None, help="CPU cores each simulation may use (default: all)")
     p.set_defaults(func=cmd_shift)
 
     p = sub.add_parser("dp", help="differential privacy's cost: AUC per site at several noise levels, over seeds",
@@ -253,16 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dp-delta, and the sites' update norms before clipping. 3 seeds x 5 settings "
                                    "of the default run take about 25 min on 2 cores.",
                        epilog="example: fedrad dp --out runs/dp --noise 0,0.5,1,2 --seeds 3 --clip 1.0")
-    p.add_argument("--data", type=Path, default=None,
-                   help=f"folder with one sub-folder per site (default: {DEFAULT_DATA}, generated if absent)")
-    p.add_argument("--out", type=Path, default=Path("runs/dp"), help="output folder (default: runs/dp)")
+    add_study_arguments(p, out="runs/dp")
     p.add_argument("--noise", default="0,0.5,1,2", help="comma-separated dp-noise multipliers (default: 0,0.5,1,2)")
     p.add_argument("--clip", type=float, default=1.0, help="dp-clip: the update's L2 norm bound (default: 1.0)")
-    p.add_argument("--seeds", type=int, default=3, help="run seeds 0..N-1 (default: 3)")
-    p.add_argument("--rounds", type=int, default=None, help="federated rounds per run (run-config num-server-rounds)")
-    p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
-                   help="override [tool.flwr.app.config] keys for every run")
-    p.add_argument("--cpus", type=int, default=None, help="CPU cores each simulation may use (default: all)")
     p.set_defaults(func=cmd_dp)
 
     p = sub.add_parser("bench", help="measure cached vs uncached epochs, bytes per round, simulation time/memory",
