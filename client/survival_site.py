@@ -20,18 +20,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time as clock
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fedrad.client.outputs import SiteOutputs
-from fedrad.client.train import Inputs, autocast
-from fedrad.common.bn import recalibrate_bn
+from fedrad.client.train import Inputs, train_epochs
 from fedrad.common.config import RunConfig
 from fedrad.common.efficientnet_lite import EfficientNetLite0
-from fedrad.common.finetune import make_optimizer, param_groups, set_train_mode
 from fedrad.common.records import C_INDEX, IBS, N_EVENTS, PAIRS, TD_AUC
 from fedrad.common.survival import cox_loss, pair_counts
 
@@ -51,37 +48,11 @@ def fit_survival(model: EfficientNetLite0, inputs: Inputs, time: np.ndarray, eve
     n = len(time)
     if n < 2 or len(event) != n:
         raise ValueError(f"A site needs at least 2 training rows with time and event to train; got {n}.")
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        optimizer = make_optimizer(model, param_groups(model, lr_max=cfg.lr_max, lr_decay=cfg.lr_decay),
-                                   cfg.weight_decay)
-        times = torch.as_tensor(time, dtype=torch.float64, device=device)
-        events = torch.as_tensor(event, dtype=torch.float64, device=device)
-        set_train_mode(model, cfg.freeze_blocks)
-        losses: list[torch.Tensor] = []
-        start = clock.perf_counter()
-        for _ in range(cfg.local_epochs):
-            order = torch.randperm(n, generator=generator)
-            for i in range(0, n, cfg.batch_size):
-                idx = order[i:i + cfg.batch_size]
-                view = int(torch.randint(0, 8, (1,), generator=generator)) % inputs.n_views
-                on = idx.to(device)
-                if len(idx) < 2 or not bool(events[on].any()):
-                    continue
-                with autocast(device):
-                    risk = inputs.forward(inputs.batch(idx, view)).float()[:, 0]
-                loss = cox_loss(risk, times[on], events[on], TIES)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.detach())
-        with autocast(device):
-            recalibrate_bn(model, (inputs.batch(idx, 0) for idx in
-                                   torch.tensor_split(torch.arange(n), max(1, n // cfg.batch_size))),
-                           forward=inputs.forward)
-    mean_loss = float(torch.stack(losses).mean()) if losses else math.nan
-    return {"train-loss": mean_loss, "seconds": clock.perf_counter() - start}
+    times = torch.as_tensor(time, dtype=torch.float64, device=device)
+    events = torch.as_tensor(event, dtype=torch.float64, device=device)
+    return train_epochs(model, inputs, n, cfg, seed=seed, device=device,
+                        loss=lambda logits, idx: cox_loss(logits[:, 0], times[idx], events[idx], TIES),
+                        usable=lambda idx: bool(events[idx].any()))
 
 
 def survival_scores(time_train: np.ndarray, event_train: np.ndarray, risk_train: np.ndarray,

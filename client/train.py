@@ -95,43 +95,55 @@ def fit(model: EfficientNetLite0, inputs: Inputs, y: np.ndarray, cfg: RunConfig,
     `logit_offset` (K,), when given, is added to the logits inside the loss only: the
     logit-adjusted loss (`fedrad.common.labelshift.logit_adjustment`).
     """
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        return _fit(model, inputs, y, cfg, seed=seed, device=device, logit_offset=logit_offset)
-
-
-def _fit(model: EfficientNetLite0, inputs: Inputs, y: np.ndarray, cfg: RunConfig, *, seed: int,
-         device: torch.device, logit_offset: np.ndarray | None = None) -> dict[str, float]:
     n = len(y)
     if n < 2:
         raise ValueError(f"A site needs at least 2 labelled training images to train; got {n}.")
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = make_optimizer(model, param_groups(model, lr_max=cfg.lr_max, lr_decay=cfg.lr_decay),
-                               cfg.weight_decay)
     ys = torch.from_numpy(y).long().to(device)
     offset = torch.zeros(()) if logit_offset is None else torch.as_tensor(logit_offset, dtype=torch.float32)
     offset = offset.to(device)
-    set_train_mode(model, cfg.freeze_blocks)
-    losses: list[torch.Tensor] = []  # kept on the device: no GPU sync per step
-    start = time.perf_counter()
-    for _ in range(cfg.local_epochs):
-        order = torch.randperm(n, generator=generator)
-        for i in range(0, n, cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            view = int(torch.randint(0, 8, (1,), generator=generator)) % inputs.n_views
-            if len(idx) < 2:  # BatchNorm cannot train on a single image
-                continue
-            with autocast(device):
-                loss = F.cross_entropy(inputs.forward(inputs.batch(idx, view)).float() + offset, ys[idx.to(device)])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-    # every training image, in batches of at least batch-size (>= 2) images: the statistics are exact over all n,
-    # which is the count the site reports with them (`bn-samples`)
-    with autocast(device):
-        recalibrate_bn(model, (inputs.batch(idx, 0) for idx in torch.tensor_split(torch.arange(n), max(1, n // cfg.batch_size))),
-                       forward=inputs.forward)
+    return train_epochs(model, inputs, n, cfg, seed=seed, device=device,
+                        loss=lambda logits, idx: F.cross_entropy(logits + offset, ys[idx]))
+
+
+def train_epochs(model: EfficientNetLite0, inputs: Inputs, n: int, cfg: RunConfig, *, seed: int,
+                 device: torch.device, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 usable: Callable[[torch.Tensor], bool] | None = None) -> dict[str, float]:
+    """The local epochs every task shares; `loss(logits, idx)` is the task's (classification, Cox).
+
+    Seeded order and dihedral views, discriminative rates, BN of the adapted layers
+    re-estimated on all `n` training images afterwards. A batch of one image, or one
+    `usable(idx)` rejects (a Cox batch without an event), is skipped before its forward pass,
+    after its view is drawn, so every task follows the same random sequence.
+    """
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = make_optimizer(model, param_groups(model, lr_max=cfg.lr_max, lr_decay=cfg.lr_decay),
+                                   cfg.weight_decay)
+        set_train_mode(model, cfg.freeze_blocks)
+        losses: list[torch.Tensor] = []  # kept on the device: no GPU sync per step
+        start = time.perf_counter()
+        for _ in range(cfg.local_epochs):
+            order = torch.randperm(n, generator=generator)
+            for i in range(0, n, cfg.batch_size):
+                idx = order[i:i + cfg.batch_size]
+                view = int(torch.randint(0, 8, (1,), generator=generator)) % inputs.n_views
+                on = idx.to(device)
+                if len(idx) < 2 or (usable is not None and not usable(on)):  # BatchNorm needs two images
+                    continue
+                with autocast(device):
+                    logits = inputs.forward(inputs.batch(idx, view)).float()
+                step_loss = loss(logits, on)  # in fp32 (cross-entropy) or fp64 (Cox), outside autocast
+                optimizer.zero_grad(set_to_none=True)
+                step_loss.backward()
+                optimizer.step()
+                losses.append(step_loss.detach())
+        # every training image, in batches of at least batch-size (>= 2) images: the statistics are exact over
+        # all n, which is the count the site reports with them (`bn-samples`)
+        with autocast(device):
+            recalibrate_bn(model, (inputs.batch(idx, 0) for idx in
+                                   torch.tensor_split(torch.arange(n), max(1, n // cfg.batch_size))),
+                           forward=inputs.forward)
     mean_loss = float(torch.stack(losses).mean()) if losses else math.nan
     return {"train-loss": mean_loss, "seconds": time.perf_counter() - start}
 
