@@ -334,6 +334,8 @@ def evaluate_(msg: Message, context: Context) -> Message:
 
 
 TEST_METRICS = ("auc", "balanced-accuracy", "ece", "test-loss")
+LABELLED_PRIOR_KEYS = ("prior-labelled", "prior-site", "prior-deploy-labelled")  # prior-site is the labelled one
+# whenever EM gives none
 
 
 def suppress_small_counts(metrics: dict[str, float], data: SiteData, policy: SitePolicy
@@ -341,7 +343,9 @@ def suppress_small_counts(metrics: dict[str, float], data: SiteData, policy: Sit
     """The evaluation metrics this site may send, and what it withholds and why.
 
     Test metrics need `min-count` test images; label-shift scalars also need the policy's
-    consent, and those estimated on the unlabelled pool (EM, BBSE) need `min-count` of them.
+    consent, and those estimated on the unlabelled pool (EM, BBSE) need `min-count` of them;
+    priors read off the labelled class counts are not sent where a class holds 1 to
+    min-count − 1 images (the train reply withholds those counts).
     """
     out, withheld = dict(metrics), {}
     shift_keys = [k for k in out if k in LABEL_SHIFT_METRICS or k in RELIABILITY_METRICS]
@@ -357,6 +361,12 @@ def suppress_small_counts(metrics: dict[str, float], data: SiteData, policy: Sit
         withheld["label-shift"] = "policy-refused"
     elif shift_keys and len(data.x_unlabelled) < policy.min_count:
         for key in ("prior-em", "prior-bbse"):
+            out.pop(key, None)
+    # The labelled prior is the class counts divided by n-train: where the counts are a small cell (withheld
+    # from the train reply), every prior read off them is withheld too.
+    counts = np.bincount(data.y_train[data.y_train >= 0], minlength=len(CLASS_COUNTS))
+    if any(0 < c < policy.min_count for c in counts):
+        for key in LABELLED_PRIOR_KEYS:
             out.pop(key, None)
     for key in [k for k in out if k in RELIABILITY_METRICS and k.endswith("-n")]:
         if out[key] < policy.min_count:  # a reliability bin of fewer images is not sent at all

@@ -219,7 +219,7 @@ def what_travels(policy: SitePolicy | None = None) -> str:
          f"≥ {n} test images and ≥ {n} test events (else only `num-examples`)", "no"),
         ("`metrics`", "evaluate reply, last round", f"{len(LABEL_SHIFT_METRICS)} label-shift scalars ("
          + ", ".join(f"`{m}`" for m in LABEL_SHIFT_METRICS[:6]) + ", ...)", on(policy.send_label_shift),
-         f"≥ {n} test images; EM/BBSE priors ≥ {n} unlabelled", "no"),
+         f"≥ {n} test images; EM/BBSE priors ≥ {n} unlabelled; labelled-count priors only with the class counts", "no"),
         ("`metrics`", "evaluate reply, last round", f"reliability diagrams before and after correction: per bin of "
          f"P(malignant) (of {RELIABILITY_BINS}) the image count, mean prediction and fraction malignant (`rel-…`)",
          on(policy.send_label_shift), f"each bin ≥ {n} test images", "no"),

@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/dp.json and dp.md: mean ± sd test AUC per site and setting, epsilon at "
                                    "dp-delta, and the sites' update norms before clipping. 3 seeds x 5 settings "
                                    "of the default run take about 25 min on 2 cores.",
-                       epilog="example: fedrad dp --out runs/dp --noise 0,0.5,1,2 --seeds 3 --clip 1.0")
+                       epilog="example: fedrad dp --out runs/dp --noise 0,0.5,1,2 --seeds 3 --clip 4  # as measured in BENCHMARKS.md")
     add_study_arguments(p, out="runs/dp")
     p.add_argument("--noise", default="0,0.5,1,2", help="comma-separated dp-noise multipliers (default: 0,0.5,1,2)")
     p.add_argument("--clip", type=float, default=1.0, help="dp-clip: the update's L2 norm bound (default: 1.0)")

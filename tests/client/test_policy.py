@@ -222,3 +222,19 @@ def test_audit_without_a_log_says_so(tmp_path):
 
     assert main(["audit", "--work", str(tmp_path)]) != 0
 
+
+
+def test_priors_read_off_a_small_class_cell_are_withheld_with_the_counts():
+    from fedrad.client.app import LABELLED_PRIOR_KEYS, suppress_small_counts
+    from tests.helpers import array_site
+
+    data = array_site(n=40)
+    data.y_train[:] = 0
+    data.y_train[:3] = 1  # 3 malignant training images: a small cell at min-count 11
+    data.y_test = np.zeros(20, dtype=np.int64)
+    metrics = {"auc": 0.9, "prior-labelled": 0.1, "prior-site": 0.1, "prior-deploy-labelled": 0.1, "prior-em": 0.4}
+    out, _ = suppress_small_counts(metrics, data, SitePolicy())
+    assert not set(LABELLED_PRIOR_KEYS) & set(out) and out["auc"] == 0.9
+    data.y_train[:20] = 1  # 20 and 20: no small cell
+    out, _ = suppress_small_counts(metrics, data, SitePolicy())
+    assert set(LABELLED_PRIOR_KEYS) <= set(out)
