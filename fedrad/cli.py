@@ -76,7 +76,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedrad.lab.simulate import simulate
 
     cfg = config_with_data(args).replace(out_dir=str(args.out.resolve()))
-    report = simulate(cfg, num_cpus=args.cpus, resume=args.resume)
+    report = simulate(cfg, num_cpus=args.cpus, resume=args.resume, ray_address=args.ray_address)
     table = Table(title=f"fedrad simulate · {report['strategy']} · {report['rounds']} rounds · "
                         f"{report['simulate_wall_seconds']:.0f} s")
     for col in ("site", "n train", "n test", "AUC", "bal. acc.", "ECE", "bytes/round"):
@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  fedrad simulate --out runs/demo\n"
                               "  fedrad simulate --data my_sites --out runs/mine --rounds 10\n"
-                              "  fedrad simulate --run-config \"freeze-blocks=17 lr-max=0.01\"  # linear probe")
+                              "  fedrad simulate --run-config \"freeze-blocks=17 lr-max=0.01\"  # linear probe\n"
+                              "  fedrad simulate --data /shared/sites --out /shared/runs/x --ray-address 10.0.0.5:6379")
     p.add_argument("--data", type=Path, default=None,
                    help=f"folder with one sub-folder per site (default: {DEFAULT_DATA}, generated if absent)")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="report folder (default: runs/latest)")
@@ -228,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override [tool.flwr.app.config] keys, e.g. \"freeze-blocks=12 lr-max=0.001\"")
     p.add_argument("--cpus", type=int, default=None, help="CPU cores the simulation may use (default: all)")
     p.add_argument("--resume", action="store_true", help="go on from OUT's checkpoint instead of round 1")
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="run the virtual sites on this running Ray cluster (its head's address, or 'auto' for one "
+                        "started here with `ray start --head`) instead of a Ray instance of its own; every node must "
+                        "see --data and --out at the same paths (README: Past one machine). --cpus is then ignored")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("shift", help="harmonisation off vs on, per seed: shift table and each site's AUC side by side",
