@@ -39,7 +39,7 @@ from fedrad.client.moments import feature_moments, pretrained_moments
 from fedrad.client.outputs import SiteOutputs
 from fedrad.client.policy import PolicyRefused, SitePolicy, SmallCount, site_policy
 from fedrad.client.reference import load_inputs, site_intensity
-from fedrad.client.refusals import guarded
+from fedrad.client.refusals import guarded, refusal
 from fedrad.client.site_shift import evaluate_site
 from fedrad.client.survival_site import evaluate_survival, fit_survival
 from fedrad.client.train import fit, pick_device
@@ -52,6 +52,7 @@ from fedrad.common.feature_shift import projection as own_projection
 from fedrad.common.finetune import local_keys, shared_keys, site_bn_stat_keys
 from fedrad.common.labelshift import logit_adjustment
 from fedrad.common.model import build_model
+from fedrad.common.piggyback import combine, evaluate_round
 from fedrad.common.records import (
     ARRAYS,
     BN_SAMPLES,
@@ -206,11 +207,11 @@ def prepare(msg: Message, context: Context
     return cfg, data, model, inputs, policy, work
 
 
-def reply(msg: Message, context: Context, data: SiteData, policy: SitePolicy, work: Path,
-          own_shapes: dict[str, tuple[int, ...]], arrays: ArrayRecord | None, metrics: dict[str, float],
-          bn_stats: ArrayRecord | None = None, bn_shapes: dict[str, tuple[int, ...]] | None = None,
-          moments: Moments | None = None, shift_dim: int = 0, withheld: dict[str, str] | None = None) -> Message:
-    """Wrap the reply, pass it through the site's own whitelist, and write it to the egress log.
+def reply_content(data: SiteData, policy: SitePolicy, own_shapes: dict[str, tuple[int, ...]],
+                  arrays: ArrayRecord | None, metrics: dict[str, float], bn_stats: ArrayRecord | None = None,
+                  bn_shapes: dict[str, tuple[int, ...]] | None = None, moments: Moments | None = None,
+                  shift_dim: int = 0, withheld: dict[str, str] | None = None) -> RecordDict:
+    """A train reply's (`arrays` given) or an evaluate reply's content, passed through the site's own whitelist.
 
     `own_shapes` and `bn_shapes` come from the site's own model, never from the message;
     `moments` go in the `moments` record, whitelisted by `shift_dim`; `withheld` names the
@@ -232,6 +233,11 @@ def reply(msg: Message, context: Context, data: SiteData, policy: SitePolicy, wo
         records = aggregate_records("evaluate", shift_dim)
     check_egress(describe(content), EgressPolicy.build(own_shapes if arrays is not None else {}, allowed, bn_shapes,
                                                        records=records), site=data.name)
+    return content
+
+
+def send(msg: Message, context: Context, policy: SitePolicy, work: Path, content: RecordDict) -> Message:
+    """The reply as it leaves: written to the site's egress log, then wrapped for Flower."""
     egress_log.append(work, run=context.run_id, server_round=_round(msg), kind=msg.metadata.message_type,
                       policy_sha256=policy.sha256(), content=content)
     return Message(content=content, reply_to=msg)
@@ -249,13 +255,35 @@ def write_summary(context: Context, cfg: RunConfig, data: SiteData, extra: dict[
 @app.train()
 @guarded("train", where)
 def train(msg: Message, context: Context) -> Message:
-    cfg, data, model, inputs, policy, work = prepare(msg, context)
+    """Train on the site's images; with `evaluate-first` (rounds >= 2), evaluate the incoming model first.
+
+    The evaluation rides in the same message (`fedrad.common.piggyback`): one round trip per
+    round. A site that evaluated but may not train still sends its evaluation, with the
+    refusal's code in place of the train records.
+    """
+    prepared = prepare(msg, context)
+    policy, work = prepared[4], prepared[5]
+    first = evaluate_round(msg.content)
+    if first is None:
+        return send(msg, context, policy, work, train_content(msg, context, *prepared))
+    evaluation = evaluate_content(msg, context, *prepared, server_round=first)
+    try:
+        content = combine(train_content(msg, context, *prepared), evaluation)
+    except Exception as err:  # noqa: BLE001 - as `guarded`: a code goes out, the text stays in incidents.log
+        content = combine(None, evaluation, refusal(err, work))
+    return send(msg, context, policy, work, content)
+
+
+def train_content(msg: Message, context: Context, cfg: RunConfig, data: SiteData, model: EfficientNetLite0,
+                  inputs: SiteInputs, policy: SitePolicy, work: Path) -> RecordDict:
+    """Train the prepared model for this round; the train reply's content (checked against the whitelist)."""
     server_round = int(msg.content[CONFIG]["server-round"])
     if len(data.y_train) < policy.min_count:
         raise SmallCount(f"site {data.name}: {len(data.y_train)} labelled training images, fewer than the "
                          f"policy's min-count {policy.min_count}: no update is sent")
     pooled_bn = pooled_statistics(msg.content, model, cfg, data.name)  # bn-shrink: checked before any work
-    received = {k: v.clone() for k, v in model.state_dict().items() if k in own_shared_shapes(model, cfg)}
+    own_shapes = own_shared_shapes(model, cfg)  # once: it walks the whole model (was 1.3 s a message, per key)
+    received = {k: v.clone() for k, v in model.state_dict().items() if k in own_shapes}
     counts = np.bincount(data.y_train, minlength=len(CLASS_COUNTS))  # the site's prior, and its share of π_train
     if cfg.task == "survival":  # Cox head on (time, event); y_train holds the events, no class counts travel
         counts = None
@@ -293,18 +321,27 @@ def train(msg: Message, context: Context) -> Message:
     if bn_keys and not policy.send_bn_stats:
         withheld["bn-stats"] = "policy-refused"
         metrics.pop(BN_SAMPLES)
-    return reply(msg, context, data, policy, work, own_shared_shapes(model, cfg), shared, metrics,
-                 bn_stats, {k: tuple(state[k].shape) for k in bn_keys} if bn_stats is not None else None,
-                 withheld=withheld)
+    return reply_content(data, policy, own_shapes, shared, metrics, bn_stats,
+                         {k: tuple(state[k].shape) for k in bn_keys} if bn_stats is not None else None,
+                         withheld=withheld)
 
 
 @app.evaluate()
 @guarded("evaluate", where)
 def evaluate_(msg: Message, context: Context) -> Message:
-    cfg, data, model, inputs, policy, work = prepare(msg, context)
-    final = int(msg.content[CONFIG]["server-round"]) >= cfg.num_server_rounds
+    prepared = prepare(msg, context)
+    content = evaluate_content(msg, context, *prepared, server_round=int(msg.content[CONFIG]["server-round"]))
+    return send(msg, context, prepared[4], prepared[5], content)
+
+
+def evaluate_content(msg: Message, context: Context, cfg: RunConfig, data: SiteData, model: EfficientNetLite0,
+                     inputs: SiteInputs, policy: SitePolicy, work: Path, *, server_round: int) -> RecordDict:
+    """Evaluate the prepared model as round `server_round`; the evaluate reply's content (whitelisted).
+
+    The last round's evaluation adds calibration, label shift and the deployment audit.
+    """
+    final = server_round >= cfg.num_server_rounds
     outputs = SiteOutputs(model, inputs, pick_device(cfg.device))
-    work = work_folder(context, cfg, data.name)
     if cfg.task == "survival":  # C-index, pair counts, td-AUC, IBS; risk scores and KM plot stay in `work`
         metrics, withheld = evaluate_survival(outputs, data.time_train, data.y_train, data.time_test, data.y_test,
                                               min_count=policy.min_count, work_dir=work, site=data.name)
@@ -316,9 +353,9 @@ def evaluate_(msg: Message, context: Context) -> Message:
                                 work_dir=work, audit=audit)
         metrics, withheld = suppress_small_counts(metrics, data, policy)
     projection = reference_arrays(msg).get(PROJECTION)
-    own = (data, policy, work, {})
+    own = (data, policy, {})
     if projection is None:
-        return reply(msg, context, *own, None, {NUM_EXAMPLES: len(data.y_test), **metrics}, withheld=withheld)
+        return reply_content(*own, None, {NUM_EXAMPLES: len(data.y_test), **metrics}, withheld=withheld)
     refused = moments_refusal(projection, cfg, policy)
     moments = None
     if refused:
@@ -329,8 +366,8 @@ def evaluate_(msg: Message, context: Context) -> Message:
         if moments is None:
             withheld["moments"] = "small-count"
     metrics[N_FEATURES] = 0 if moments is None else moments.n
-    return reply(msg, context, *own, None, {NUM_EXAMPLES: len(data.y_test), **metrics}, moments=moments,
-                 shift_dim=cfg.shift_dim, withheld=withheld)
+    return reply_content(*own, None, {NUM_EXAMPLES: len(data.y_test), **metrics}, moments=moments,
+                         shift_dim=cfg.shift_dim, withheld=withheld)
 
 
 TEST_METRICS = ("auc", "balanced-accuracy", "ece", "test-loss")

@@ -229,6 +229,10 @@ def what_travels(policy: SitePolicy | None = None) -> str:
         ("`moments`", "shift query, evaluate reply", (shapes(moments) or "none") + f" (shift-dim ≤ {k}, the "
          "projection checked against the run's seed)", on(policy.send_moments),
          f"≥ {policy.moments_min_count(k)} images (max(min-count, 2 × shift-dim))", "no"),
+        ("`evaluate.<record>`", "train reply, rounds ≥ 2", "the evaluation of the model the train message carried "
+         "(`fedrad.common.piggyback`): the evaluate reply's records under `evaluate.`, checked by the evaluate "
+         "reply's whitelist; `train-refused` (a reason code and incident id) instead of the train records when the "
+         "site evaluated but did not train", "yes", "as in the evaluate reply", "no"),
         ("`" + WITHHELD + "`", "any reply", "which of " + ", ".join(f"`{w}`" for w in WITHHOLDABLE)
          + " the site kept back, each with a reason code", "yes", "–", "–"),
         ("`" + SITE + "`", "any reply", "`name`: the site's name (checked against its node's key)", "yes", "–", "–"),

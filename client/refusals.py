@@ -55,6 +55,13 @@ def write_incident(work: Path | None, incident: str, code: str, err: BaseExcepti
     log.error("refused with %s, incident %s: %s", code, incident, text)
 
 
+def refusal(err: BaseException, work: Path | None) -> tuple[str, str]:
+    """(code, incident id) of a failure, its text written to the site's incidents.log under that id."""
+    code, incident = code_of(err), new_incident()
+    write_incident(work, incident, code, err)
+    return code, incident
+
+
 def guarded(kind: str, where: Callable[[Message, Context], tuple[Path | None, Callable[[dict], None] | None]]
             ) -> Callable[[Handler], Handler]:
     """Wrap a handler so that any exception becomes a coded reply.
@@ -68,12 +75,11 @@ def guarded(kind: str, where: Callable[[Message, Context], tuple[Path | None, Ca
             try:
                 return handler(msg, context)
             except Exception as err:  # noqa: BLE001 - every failure becomes a code; the text stays here
-                code, incident = code_of(err), new_incident()
                 try:
                     work, note = where(msg, context)
                 except Exception:  # noqa: BLE001 - the config itself may be what failed
                     work, note = None, None
-                write_incident(work, incident, code, err)
+                code, incident = refusal(err, work)
                 if note is not None:
                     note({"code": code, "incident": incident})
                 return Message(Error(CODES[code], reason(code, incident)), reply_to=msg)

@@ -1,5 +1,10 @@
 """The round loop: rounds `first..last` of train + evaluate, with a hook after each round.
 
+One message per round (`fedrad.common.piggyback`): from round 2 on, the evaluation of the
+previous round's global model rides in the train message, and only the last round's
+evaluation is a message of its own. The strategy still sees what Flower's loop gives it:
+the train replies of each round and the evaluate replies of each round, split back apart.
+
 Flower's `Strategy.start` always runs rounds 1..N. A coordinator that resumes from a
 checkpoint must run rounds k+1..N under their true numbers (sites seed their shuffling and
 name their BN files by round), and must save its state after every round. This is the same
@@ -19,9 +24,11 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from flwr.serverapp import Grid
 
+from fedrad.common.codes import CODES, reason
+from fedrad.common.piggyback import RideError, ask, rides, split
 from fedrad.server.strategy import FedRad
 
 log = logging.getLogger("fedrad.coordinator")
@@ -131,6 +138,50 @@ def _await_rejoin(grid: Grid, strategy: FedRad, expected: set[int], wait: float,
         log.info("round %d: %s reconnected; the round starts", server_round, _names(strategy, lost))
 
 
+def ask_evaluation_first(strategy: FedRad, grid: Grid, sent: list[Message], server_round: int,
+                         arrays: ArrayRecord, evaluate_config: ConfigRecord) -> int | None:
+    """Make this round's train messages ask for the evaluation of the previous round's model first.
+
+    Returns the round evaluated (None: nothing to evaluate: round 1, or already evaluated).
+    """
+    pending = server_round - 1
+    if pending < 1 or strategy.evaluated(pending):
+        return None
+    evaluate = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(pending, arrays, evaluate_config, grid)}
+    for msg in sent:
+        if msg.metadata.dst_node_id in evaluate:
+            ask(msg.content, evaluate[msg.metadata.dst_node_id].content, pending)
+    return pending
+
+
+def split_replies(strategy: FedRad, server_round: int, sent: list[Message], replies: list[Message]
+                  ) -> tuple[list[Message], list[Message]]:
+    """(train replies, evaluate replies) of one round's replies, the evaluations that rode in them split off.
+
+    A site that evaluated but refused to train becomes a failed train reply with its code, as
+    if it had answered two messages. A reply whose parts do not fit is rejected whole.
+    """
+    by_id = {m.metadata.message_id: m for m in sent}
+    trains, evaluations = [], []
+    for msg in replies:
+        question = by_id.get(msg.metadata.reply_to_message_id)
+        if msg.has_error() or question is None or not rides(msg.content):
+            trains.append(msg)
+            continue
+        try:
+            train, refused, evaluation = split(msg.content)
+        except RideError as err:
+            strategy.reject(server_round, _names(strategy, {msg.metadata.src_node_id}), f"malformed reply: {err}")
+            continue
+        evaluations.append(Message(content=evaluation, reply_to=question))
+        if train is not None:
+            trains.append(Message(content=train, reply_to=question))
+        else:
+            code, incident = refused if refused[0] in CODES else ("internal", refused[1])
+            trains.append(Message(Error(CODES[code], reason(code, incident)), reply_to=question))
+    return trains, evaluations
+
+
 def run_rounds(grid: Grid, strategy: FedRad, arrays: ArrayRecord, *, first: int, last: int, timeout: float,
                train_config: ConfigRecord, evaluate_config: ConfigRecord, rejoin_wait: float = 0.0,
                asked_before: Mapping[int, str] | None = None,
@@ -150,15 +201,20 @@ def run_rounds(grid: Grid, strategy: FedRad, arrays: ArrayRecord, *, first: int,
         _await_rejoin(grid, strategy, last_sent, rejoin_wait, server_round)
         log.info("round %d of %d: training", server_round, last)
         sent = list(strategy.configure_train(server_round, arrays, train_config, grid))
+        evaluating = ask_evaluation_first(strategy, grid, sent, server_round, arrays, evaluate_config)
         last_sent = {m.metadata.dst_node_id for m in sent}
         replies = _exchange(grid, strategy, sent, server_round, "train", timeout)
+        if evaluating is not None:
+            replies, evaluations = split_replies(strategy, server_round, sent, replies)
+            strategy.aggregate_evaluate(evaluating, evaluations)
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
-        sent = list(strategy.configure_evaluate(server_round, arrays, evaluate_config, grid))
-        last_sent |= {m.metadata.dst_node_id for m in sent}
-        replies = _exchange(grid, strategy, sent, server_round, "evaluate", timeout)
-        strategy.aggregate_evaluate(server_round, replies)
+        if server_round == last:  # the last model is evaluated in a message of its own (calibration, label shift)
+            sent = list(strategy.configure_evaluate(server_round, arrays, evaluate_config, grid))
+            last_sent |= {m.metadata.dst_node_id for m in sent}
+            replies = _exchange(grid, strategy, sent, server_round, "evaluate", timeout)
+            strategy.aggregate_evaluate(server_round, replies)
         if on_round_end is not None:
             on_round_end(server_round, arrays)
     return arrays

@@ -148,6 +148,10 @@ class FedRad(FedAvg):
             msg.content[LABEL_SHIFT] = prior_record(prior)
         return messages
 
+    def evaluated(self, server_round: int) -> bool:
+        """Whether any site's evaluation of this round's global model has come in."""
+        return any(server_round in site.evaluate for site in self.sites.values())
+
     def _site(self, name: str) -> SiteLog:
         return self.sites.setdefault(name, SiteLog(name))
 
@@ -168,7 +172,7 @@ class FedRad(FedAvg):
             try:
                 name = self.identify(msg)
             except IdentityRefused as err:
-                self._reject(server_round, f"node-{node}", str(err))
+                self.reject(server_round, f"node-{node}", str(err))
                 continue
             if WITHHELD in msg.content:
                 withheld = {k: str(v) for k, v in msg.content[WITHHELD].items()}  # type: ignore[union-attr]
@@ -176,7 +180,7 @@ class FedRad(FedAvg):
             ok.append((name, msg))
         return ok
 
-    def _reject(self, server_round: int, name: str, reason: str) -> None:
+    def reject(self, server_round: int, name: str, reason: str) -> None:
         self.rejected.append((server_round, name, reason))
         log.warning("round %d: rejected update: %s", server_round, reason)
 
@@ -191,7 +195,7 @@ class FedRad(FedAvg):
             if median is None:
                 kept.append((name, arrays, msg))
             else:
-                self._reject(server_round, name, f"site {name}: update is {dist:.3g} from the global model, "
+                self.reject(server_round, name, f"site {name}: update is {dist:.3g} from the global model, "
                              f"more than {self.norm_outlier_factor:g} x the other sites' median {median:.3g} "
                              "(norm-outlier-factor).")
         return kept
@@ -211,7 +215,7 @@ class FedRad(FedAvg):
                 validate_update(name, arrays, metrics.get(NUM_EXAMPLES), self.expected)
                 bn_of[name] = self._bn_stats(name, msg, metrics)
             except (UpdateRejected, TypeError, ValueError) as err:
-                self._reject(server_round, name, str(err))
+                self.reject(server_round, name, str(err))
                 continue
             candidates.append((name, arrays, msg))
         # By site name, not arrival order: float sums depend on order, and a run must not depend on which site
@@ -260,7 +264,7 @@ class FedRad(FedAvg):
                 out.append(item)
                 out_weights.append(weight)
             else:
-                self._reject(server_round, item[0], f"site {item[0]}: weighted contribution {contribution:.3g} "
+                self.reject(server_round, item[0], f"site {item[0]}: weighted contribution {contribution:.3g} "
                              f"(weight x distance) is more than {self.norm_outlier_factor:g} x the other sites' "
                              f"median {median:.3g} (norm-outlier-factor).")
         return out, out_weights

@@ -4,8 +4,9 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from fedrad.common.piggyback import combine, evaluate_round
 from fedrad.common.records import from_numpy, to_numpy
 from fedrad.server.aggregate import spec_of
 from fedrad.server.rounds import run_rounds
@@ -27,8 +28,9 @@ class FakeGrid:
     until its restarted daemon is let back in.
     """
 
-    def __init__(self, offline_s=0.0, start_offline=False):
-        self.rounds_seen, self.sent_to = [], []
+    def __init__(self, offline_s=0.0, start_offline=False, refuses_training=()):
+        self.rounds_seen, self.sent_to, self.evaluate_first = [], [], []
+        self.refuses_training = refuses_training  # nodes that evaluate but refuse to train (small-count)
         self.offline_s, self.back_at = offline_s, time.monotonic() + offline_s if start_offline else 0.0
 
     def get_node_ids(self):
@@ -50,9 +52,22 @@ class FakeGrid:
             content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "auc": 0.5}),
                                   "site": ConfigRecord({"name": "abc"[node - 1]})})
             if msg.metadata.message_type == "train":
+                first = evaluate_round(msg.content)
+                self.evaluate_first.append((int(msg.content["config"]["server-round"]), first, node))
+                evaluation = RecordDict(dict(content.items()))
+                content = RecordDict({"site": content["site"]})
                 arrays = {k: v + node for k, v in to_numpy(msg.content["arrays"]).items()}
                 content["arrays"] = from_numpy(arrays)
                 content["metrics"] = MetricRecord({"num-examples": 10, "train-loss": 0.1})
+                if node in self.refuses_training:
+                    content = None
+                if first is not None:  # the evaluation rides in the reply, as a site sends it
+                    content = combine(content, evaluation, None if content else ("small-count", "0123456789ab"))
+                elif content is None:  # a plain train message refused: an error reply with the code
+                    reply = Message(Error(104, "small-count incident=0123456789ab"), reply_to=msg)
+                    reply.metadata.__dict__["_src_node_id"] = node
+                    replies.append(reply)
+                    continue
             reply = Message(content=content, reply_to=msg)
             reply.metadata.__dict__["_src_node_id"] = node
             replies.append(reply)
@@ -71,7 +86,36 @@ def test_resumed_rounds_keep_their_numbers_and_lost_sites_are_named():
     np.testing.assert_allclose(to_numpy(final)["w"], np.full(3, 3.0))
     assert [(r, site) for r, site, _ in strategy.failed] == [(3, "c"), (4, "c")]
     assert "no train reply within round-timeout 5 s" in strategy.failed[0][2]
-    assert set(strategy.sites["c"].evaluate) == {3, 4} and not strategy.sites["c"].train  # c still evaluates
+    # c's evaluations of rounds 2 and 3 rode in the train messages it never answered; the last round's own
+    # evaluate message it answered. a and b evaluated 2 (in train 3), 3 (in train 4) and 4 (on its own).
+    assert set(strategy.sites["c"].evaluate) == {4} and not strategy.sites["c"].train
+    assert set(strategy.sites["a"].evaluate) == {2, 3, 4} and set(strategy.sites["a"].train) == {3, 4}
+    assert [(r, first) for r, first, node in grid.evaluate_first if node == 1] == [(3, 2), (4, 3)]
+
+
+def test_one_message_per_round_the_last_evaluation_on_its_own():
+    grid = FakeGrid()
+    strategy = FedRad(expected=spec_of(SHARED), min_sites=2)
+    run_rounds(grid, strategy, from_numpy(SHARED), first=1, last=3, timeout=5.0, train_config=ConfigRecord({}),
+               evaluate_config=ConfigRecord({}))
+    to_a = [(kind, r) for kind, r, node in grid.sent_to if node == 1]
+    assert to_a == [("train", 1), ("train", 2), ("train", 3), ("evaluate", 3)]  # N + 1 messages, not 2N
+    assert [(r, first) for r, first, node in grid.evaluate_first if node == 1] == [(1, None), (2, 1), (3, 2)]
+    assert set(strategy.sites["a"].evaluate) == {1, 2, 3}
+    sent = strategy.sites["a"].bytes_sent  # each part counted in its own round, whichever message carried it
+    assert sent[1] == sent[2] == sent[3] > 0
+
+
+def test_a_site_that_refuses_to_train_still_evaluates_and_its_code_is_kept():
+    grid = FakeGrid(refuses_training=(2,))
+    strategy = FedRad(expected=spec_of(SHARED), min_sites=1)
+    final = run_rounds(grid, strategy, from_numpy(SHARED), first=1, last=3, timeout=5.0,
+                       train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
+    assert set(strategy.sites["b"].evaluate) == {1, 2, 3} and not strategy.sites["b"].train
+    # round 1: a train message of its own, refused with an error; rounds 2, 3: refused beside the evaluation
+    assert [(r, why) for r, site, why in strategy.failed if site == "b"] == [
+        (r, "small-count (incident 0123456789ab)") for r in (1, 2, 3)]
+    np.testing.assert_allclose(to_numpy(final)["w"], np.full(3, 3.0))  # only a trained (+1 a round; c never answers)
 
 
 def test_no_rounds_left_runs_nothing():
