@@ -127,6 +127,24 @@ def cmd_dp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_survival(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedrad.lab.survival_study import run_survival_study
+
+    if args.data is None:
+        raise SystemExit("fedrad survival: give --data, a folder of sites with time and event "
+                         "(e.g. from `fedrad synth --kind series --out DIR`)")
+    console = Console()
+    study = run_survival_study(config_with_data(args), args.out.resolve(), seeds=range(args.seeds),
+                               tolerance=args.tolerance, num_cpus=args.cpus, resume=args.resume,
+                               progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    console.print((args.out / "survival.md").read_text(), markup=False)
+    console.print(f"written: {args.out / 'survival.json'}, {args.out / 'survival.md'} ({len(study['runs'])} seeds)",
+                  soft_wrap=True)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -257,6 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", default="0,0.5,1,2", help="comma-separated dp-noise multipliers (default: 0,0.5,1,2)")
     p.add_argument("--clip", type=float, default=1.0, help="dp-clip: the update's L2 norm bound (default: 1.0)")
     p.set_defaults(func=cmd_dp)
+
+    p = sub.add_parser("survival", help="survival check: per site federated vs the same site alone vs the "
+                                        "true-risk ceiling, over seeds",
+                       description="A benchmark, not a test (issue 18's check): for each seed, one federation with "
+                                   "task=survival and each site trained alone on the same schedule (nothing sent), "
+                                   "sites sharing one work folder. Writes OUT/survival.json and survival.md: per "
+                                   "site the test C-index, federated and alone, per seed and mean ± sd, the "
+                                   "ceiling from truth.json (simulated data), whether the federated C-index is "
+                                   "within --tolerance of it and above the site alone in every seed, "
+                                   "c_index_federated and bytes per round. --resume reuses finished runs in OUT.",
+                       epilog="example: fedrad synth --kind series --out data/series && "
+                              "fedrad survival --data data/series --out runs/survival --seeds 3")
+    add_study_arguments(p, out="runs/survival")
+    p.add_argument("--tolerance", type=float, default=0.03,
+                   help="how far below the ceiling a site's federated C-index may be (default: 0.03)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the runs already finished in OUT with the same run config")
+    p.set_defaults(func=cmd_survival)
 
     p = sub.add_parser("bench", help="measure cached vs uncached epochs, bytes per round, simulation time/memory",
                        description="Writes OUT/bench.json and prints a table: epoch_seconds_uncached, "

@@ -8,6 +8,11 @@ calls of `fit`, each `local-epochs` epochs with a fresh optimizer, BN re-estimat
 end, and the same per-round seeds as a site in a federation. So the only difference to a
 federation is what is averaged: nothing (local) or everything, by training on the union
 (pooled).
+
+With `task = survival` the local baseline trains the Cox head instead
+(`fedrad.client.survival_site.fit_survival`, same schedule and seeds) and scores each site's
+test split as a site in a federation does (`survival_scores`: C-index, pair counts, td-AUC,
+integrated Brier score): "the same site trained alone" of issue 18.
 """
 
 from __future__ import annotations
@@ -18,20 +23,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedrad.client.dataset import SiteData
 from fedrad.client.features import site_inputs
+from fedrad.client.outputs import model_outputs
+from fedrad.client.survival_site import fit_survival, survival_scores
 from fedrad.client.train import Inputs, fit, pick_device, predict_proba
 from fedrad.common.config import RunConfig
 from fedrad.common.efficientnet_lite import EfficientNetLite0
 from fedrad.common.metrics import classification_metrics
 from fedrad.common.model import build_model
+from fedrad.common.records import C_INDEX, IBS, TD_AUC
 
 
-def train_on_schedule(model: EfficientNetLite0, inputs: Inputs, y: np.ndarray, cfg: RunConfig) -> None:
-    """`num-server-rounds` rounds of `fit`, seeded per round exactly as a site in a federation is."""
+def train_on_schedule(model: EfficientNetLite0, inputs: Inputs, y: np.ndarray, cfg: RunConfig,
+                      times: np.ndarray | None = None) -> None:
+    """`num-server-rounds` rounds of `fit` (with `times`: `fit_survival`, y the events), seeded per round
+    exactly as a site in a federation is."""
     for server_round in range(1, cfg.num_server_rounds + 1):
-        fit(model, inputs, y, cfg, seed=cfg.seed * 10_000 + server_round, device=pick_device(cfg.device))
+        seed, device = cfg.seed * 10_000 + server_round, pick_device(cfg.device)
+        if times is None:
+            fit(model, inputs, y, cfg, seed=seed, device=device)
+        else:
+            fit_survival(model, inputs, times, y, cfg, seed=seed, device=device)
 
 
 def site_row(data: SiteData, metrics: dict[str, float], bytes_sent: int | None) -> dict[str, Any]:
@@ -44,7 +59,8 @@ def site_row(data: SiteData, metrics: dict[str, float], bytes_sent: int | None) 
 def run_local(sites: Sequence[SiteData], cfg: RunConfig, work: Path) -> dict[str, Any]:
     """Each site trains its own model on its own data and tests it on its own test split; nothing is sent.
 
-    `work/<site>` holds each site's feature cache, as a site's work folder does.
+    `work/<site>` holds each site's feature cache, as a site's work folder does. With
+    `task = survival` each row has the survival figures instead (`survival_row`).
     """
     start = time.perf_counter()
     device = pick_device(cfg.device)
@@ -52,10 +68,28 @@ def run_local(sites: Sequence[SiteData], cfg: RunConfig, work: Path) -> dict[str
     for data in sites:
         model = build_model(cfg, device)
         inputs = site_inputs(model, cfg, data, Path(work) / data.name, device)
+        if cfg.task == "survival":
+            train_on_schedule(model, inputs.train, data.y_train, cfg, times=data.time_train)
+            rows.append(survival_row(data, model, inputs.train, inputs.test, device))
+            continue
         train_on_schedule(model, inputs.train, data.y_train, cfg)
         metrics = classification_metrics(data.y_test, predict_proba(model, inputs.test, device=device))
         rows.append(site_row(data, metrics, 0))
     return {"sites": rows, "wall_seconds": time.perf_counter() - start}
+
+
+def survival_row(data: SiteData, model: EfficientNetLite0, train: Inputs, test: Inputs,
+                 device: torch.device) -> dict[str, Any]:
+    """A site's survival figures on its test split, scored as `fedrad.client.survival_site` scores them at a site."""
+    risk_train, risk_test = model_outputs(model, train, device)[0][:, 0], model_outputs(model, test, device)[0][:, 0]
+    scores = survival_scores(data.time_train, data.y_train, risk_train, data.time_test, data.y_test, risk_test)
+    return {"name": data.name, "n_train": len(data.y_train), "n_test": len(data.y_test),
+            "n_events_test": int(np.sum(data.y_test)), "c_index": _finite(scores[C_INDEX]),
+            "td_auc": _finite(scores[TD_AUC]), "integrated_brier": _finite(scores[IBS]), "bytes_sent_per_round": 0}
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
 
 
 def pool_sites(sites: Sequence[SiteData]) -> SiteData:
