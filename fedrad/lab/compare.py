@@ -97,7 +97,10 @@ def execute(plan: ComparePlan, *, on_done: Callable[[Job, dict[str, Any]], None]
     from fedrad.lab.lr_tuning import carve_validation, choose_lr, tuning_summary, validation_auc
 
     quiet_flower()
-    chosen: dict[str, float] = {}
+    chosen: dict[str, float] = dict(plan.preset)
+    if plan.preset:
+        plan.tuned = {"lr_from": plan.preset}
+        log.info("lr-max from an earlier compare's tuning: %s", ", ".join(f"{k} {v:g}" for k, v in chosen.items()))
     if plan.tuning:
         carve_validation(Path(plan.base.data_dir), plan.tuning_data, seed=plan.base.seed)
         scores: dict[str, dict[float, float]] = {}

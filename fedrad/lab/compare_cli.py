@@ -24,6 +24,8 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n  fedrad compare --out runs/compare     # defaults: about 2 h on 2 cores (estimated: 32 tuning runs "
                "+ 24 runs + 15 leave-outs; the 46 min measured before tuning had 21 runs + 15 leave-outs)\n"
                "  fedrad compare --no-tune --out runs/compare   # without tuning: ~1 h\n"
+               "  fedrad compare --data data/synthetic-s1 --lr-from runs/compare/compare.json --out runs/compare-s1"
+               "   # a second draw at the first one's rates\n"
                "  fedrad compare --seeds 1 --rounds 2 --strategies fedbn,local --no-loso --no-tune   # a quick look\n"
                "  fedrad compare --data /exports/hospitals --out runs/mine")
     p.add_argument("--data", type=Path, default=None,
@@ -39,6 +41,9 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-tune", action="store_true",
                    help="skip the tuning: every strategy at the config's lr-max (faster; the comparison is then "
                         "only as fair as that one rate)")
+    p.add_argument("--lr-from", type=Path, default=None, metavar="COMPARE_JSON",
+                   help="no tuning runs: each strategy's lr-max as an earlier compare chose it (its compare.json), "
+                        "e.g. to run a second draw of the data at the rates tuned on the first")
     p.add_argument("--loso-bn-mode", default="silobn", choices=("silobn", "fedbn", "shared"),
                    help="bn-mode of the leave-one-site-out federations (default: silobn, whose global model "
                         "carries the BN affine parameters)")
@@ -67,7 +72,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedrad.lab.compare import compare
     from fedrad.lab.compare_plan import plan_compare
     from fedrad.lab.compare_report import rich_table
-    from fedrad.lab.lr_tuning import parse_grid
+    from fedrad.lab.lr_tuning import parse_grid, rates_from
     from fedrad.lab.synth import DEFAULT_DATA, make_synthetic
 
     log = logging.getLogger("fedrad.compare")
@@ -84,7 +89,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     plan = plan_compare(cfg, out=args.out.resolve(), seeds=args.seeds, strategies=strategies,
                         loso=not args.no_loso, loso_bn_mode=args.loso_bn_mode,
-                        lr_grid=() if args.no_tune else parse_grid(args.lr_grid))
+                        lr_grid=() if args.no_tune or args.lr_from else parse_grid(args.lr_grid))
+    if args.lr_from is not None:
+        try:
+            plan.preset = rates_from(args.lr_from, [*strategies, *([args.loso_bn_mode] if plan.loso else [])])
+        except ValueError as err:
+            log.error("%s", err)
+            return 2
     logging.getLogger("fedrad.coordinator").setLevel(logging.WARNING)  # one line per job, not per round
     handlers = logging.getLogger("fedrad").handlers
     console = getattr(handlers[0], "console", None) if handlers else None

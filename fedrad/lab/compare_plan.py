@@ -73,6 +73,7 @@ class ComparePlan:
     lr_grid: tuple[float, ...] = ()  # empty: every strategy runs at the config's lr-max (no tuning)
     tuning: list[Job] = field(default_factory=list)  # run first; their validation AUCs choose each lr-max
     tuned: dict[str, Any] = field(default_factory=dict)  # filled by the run: grid, validation AUCs, chosen rate
+    preset: dict[str, float] = field(default_factory=dict)  # --lr-from: rates chosen by an earlier compare's tuning
 
     @property
     def tuning_data(self) -> Path:

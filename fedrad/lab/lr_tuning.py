@@ -107,3 +107,24 @@ def tuning_summary(grid: Sequence[float], scores: Mapping[str, Mapping[float, fl
 
     return {name: {"grid": list(grid), "validation_auc": [clean(scores[name].get(lr)) for lr in grid],
                    "lr_chosen": chosen[name]} for name in chosen}
+
+
+def rates_from(compare_json: Path, strategies: Sequence[str]) -> dict[str, float]:
+    """The lr-max an earlier compare chose per strategy (its compare.json's "lr_tuning"), for `--lr-from`.
+
+    Why: tuning is most of a compare's time; a second draw of the data can reuse the rates
+    chosen on the first one's validation split (still never on a test split). Refuses a file
+    without tuning, or one that lacks a strategy asked for, by name.
+    """
+    import json
+
+    try:
+        tuning = json.loads(Path(compare_json).read_text())["lr_tuning"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"--lr-from {compare_json}: not a compare.json with an lr_tuning section ({err})") from None
+    tuning = tuning.get("lr_from", tuning)  # itself made with --lr-from: the rates it used
+    rates = {name: float(v["lr_chosen"] if isinstance(v, dict) else v) for name, v in tuning.items()}
+    missing = [name for name in strategies if name not in rates]
+    if missing:
+        raise ValueError(f"--lr-from {compare_json}: no tuned lr-max for {missing}; it has {sorted(rates)}")
+    return {name: rates[name] for name in strategies}

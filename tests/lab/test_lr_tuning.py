@@ -109,3 +109,22 @@ def test_without_a_grid_nothing_is_tuned(data, tmp_path, monkeypatch):
     results = compare_mod.execute(plan)
     assert not plan.tuning and [r["lr_chosen"] for r in results] == [3e-3]
     assert "not tuned" in to_markdown(summarize(plan, results, wall_seconds=1.0))
+
+
+def test_rates_from_an_earlier_compare_are_reused_by_name(tmp_path):
+    import json
+
+    from fedrad.lab.lr_tuning import rates_from
+
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps({"lr_tuning": {"fedbn": {"grid": [0.001, 0.003], "validation_auc": [0.8, 0.9],
+                                                         "lr_chosen": 0.003}, "local": {"lr_chosen": 0.01}}}))
+    assert rates_from(path, ["fedbn"]) == {"fedbn": 0.003}
+    with pytest.raises(ValueError, match=r"no tuned lr-max for \['pooled'\]"):
+        rates_from(path, ["fedbn", "pooled"])
+    again = tmp_path / "again.json"  # a compare run with --lr-from passes its rates on
+    again.write_text(json.dumps({"lr_tuning": {"lr_from": {"fedbn": 0.003}}}))
+    assert rates_from(again, ["fedbn"]) == {"fedbn": 0.003}
+    (tmp_path / "untuned.json").write_text(json.dumps({"runs": []}))
+    with pytest.raises(ValueError, match="lr_tuning"):
+        rates_from(tmp_path / "untuned.json", ["fedbn"])
