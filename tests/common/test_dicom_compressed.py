@@ -4,10 +4,16 @@ Only files shipped inside the installed pydicom package are used (``download=Fal
 fetched at test time. Two bundled grey-scale files cannot be decoded by any decoder (pydicom's own
 test suite lists them as undecodable): they must be refused with a reason naming the syntax and the
 decoders that were tried.
+
+Two install states are covered: with pylibjpeg-libjpeg (GPL-3.0; the `gpl-jpeg` and `dev` extras,
+what the tests run with) and without it (a default install; simulated by taking its plugin out of
+pydicom's JPEG decoders): then python-gdcm reads what it can, equal to the reference, and the rest
+is refused naming the syntax and `pip install 'fedrad[gpl-jpeg]'`.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -22,12 +28,13 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
 )
 
-from fedrad.common.dicom import DicomReadError, read_image
+from fedrad.common.dicom import GPL_JPEG_HINT, DicomReadError, read_image
 from tests.helpers import write_dicom
 
 # Undecodable by every decoder (pydicom's own tests exclude them): corrupt scan parameters, and a
@@ -41,6 +48,28 @@ TWINS = {
     "rtdose_rle.dcm": "rtdose.dcm",
     "rtdose_rle_1frame.dcm": "rtdose_1frame.dcm",
 }
+
+
+# What only pylibjpeg-libjpeg (GPL-3.0, extra `gpl-jpeg`) decodes among the pinned decoders, and
+# what it shares with python-gdcm (default): JPEG baseline, extended, lossless.
+LIBJPEG_SYNTAXES = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1)
+EXTRA = "pip install 'fedrad[gpl-jpeg]'"
+
+
+def _without_libjpeg(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydicom as a default install has it: the pylibjpeg plugin gone from the JPEG decoders.
+
+    (pylibjpeg itself stays: it serves JPEG 2000 through pylibjpeg-openjpeg.)
+    """
+    for syntax in LIBJPEG_SYNTAXES:
+        available = get_decoder(syntax)._available
+        if "pylibjpeg" in available:
+            monkeypatch.delitem(available, "pylibjpeg")
+        assert "pylibjpeg" not in get_decoder(syntax).available_plugins
+
+
+def _syntax(path: Path) -> pydicom.uid.UID:
+    return pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
 
 
 def _bundled(name: str) -> Path:
@@ -155,3 +184,92 @@ def test_undecodable_files_are_refused_naming_syntax_and_decoders(name: str, tmp
     assert str(path) in str(info.value)
     assert syntax.name in reason and "installed decoders (" in reason and "pylibjpeg" in reason
     assert "corrupt" in reason
+
+
+def test_the_tests_run_with_libjpeg_and_gdcm_installed() -> None:
+    """The dev extra pulls in gpl-jpeg: both install states below are then really exercised."""
+    import gdcm  # noqa: F401 - python-gdcm, a default dependency
+    import libjpeg  # noqa: F401 - pylibjpeg-libjpeg, the gpl-jpeg extra
+
+    for syntax in LIBJPEG_SYNTAXES:
+        assert {"gdcm", "pylibjpeg"} <= set(get_decoder(syntax).available_plugins), syntax.name
+
+
+def test_without_libjpeg_jpeg_files_load_equal_through_gdcm_or_are_refused_naming_the_extra(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = [p for p in _grey_compressed_with_spacing() if _syntax(p) in LIBJPEG_SYNTAXES and p.name not in CORRUPT]
+    references = {p.name: _reference(p, "pylibjpeg") for p in paths}  # decoded by libjpeg, before it goes
+    _without_libjpeg(monkeypatch)
+    loaded, refused = [], {}
+    for path in paths:
+        try:
+            image = read_image(path)
+        except DicomReadError as err:
+            refused[path.name] = (str(err), _syntax(path))
+            continue
+        np.testing.assert_array_equal(image.values, references[path.name], err_msg=path.name)
+        loaded.append(path.name)
+    # 12-bit JPEG Extended: gdcm refuses 12-bit precision, Pillow has no 12-bit JPEG; only libjpeg reads it
+    assert "JPGExtended.dcm" in refused
+    for name, (message, syntax) in refused.items():
+        assert name in message and syntax.name in message and str(syntax) in message
+        assert EXTRA in message and "GPL-3.0" in message
+    for name in CORRUPT:  # still refused as before, now also naming the extra for its JPEG syntax
+        if _syntax(_bundled(name)) in LIBJPEG_SYNTAXES:
+            with pytest.raises(DicomReadError, match=re.escape(EXTRA)):
+                read_image(_bundled(name))
+
+
+def test_with_libjpeg_the_file_gdcm_cannot_read_loads_equal_to_the_reference() -> None:
+    path = _bundled("JPGExtended.dcm")
+    assert _syntax(path) == JPEGExtended12Bit
+    np.testing.assert_array_equal(read_image(path).values, _reference(path, "pylibjpeg"))
+    with pytest.raises(Exception, match="12-bit"):
+        pixel_array(path, decoding_plugin="gdcm")
+
+
+@pytest.mark.parametrize("libjpeg", [True, False], ids=["with-libjpeg", "default-install"])
+@pytest.mark.parametrize("syntax", ["JPEGLosslessProcess14_1", "JPEGLosslessProcess14", "JPEGBaselineProcess1"])
+def test_grey_jpeg_written_by_gdcm_loads_with_and_without_libjpeg(syntax: str, libjpeg: bool, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydicom ships no grey JPEG-lossless file: a CT slice compressed by gdcm stands in for a PACS export."""
+    import gdcm
+
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 255 if "Baseline" in syntax else 2000, size=(48, 40)).astype(np.uint16)
+    plain = write_dicom(tmp_path / "plain.dcm", stored, slope=1, intercept=-1024)
+    if "Baseline" in syntax:  # 8-bit baseline needs 8-bit samples
+        ds = pydicom.dcmread(plain)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PixelData = stored.astype(np.uint8).tobytes()
+        ds.save_as(plain)
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(plain))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    packed = tmp_path / "packed.dcm"
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(packed))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    assert _syntax(packed) in LIBJPEG_SYNTAXES
+    reference = _reference(packed, "pylibjpeg")
+    if not libjpeg:
+        _without_libjpeg(monkeypatch)
+    values = read_image(packed).values
+    if "Lossless" in syntax:
+        np.testing.assert_array_equal(values, reference)
+        np.testing.assert_array_equal(values, read_image(plain).values)
+    elif libjpeg:
+        np.testing.assert_array_equal(values, reference)
+    else:  # lossy: gdcm's and Pillow's IJG decoders round some IDCT outputs 1 apart from libjpeg (measured:
+        # 51 of 1920 pixels), which the JPEG standard's IDCT accuracy allows
+        assert np.abs(values - reference).max() <= 1.0
+
+
+def test_the_hint_names_the_extra_and_the_licence() -> None:
+    assert EXTRA in GPL_JPEG_HINT and "GPL-3.0" in GPL_JPEG_HINT and "pylibjpeg-libjpeg" in GPL_JPEG_HINT

@@ -77,8 +77,8 @@ def pins(lines) -> dict[str, str]:
 def test_every_dependency_is_pinned_and_the_constraints_agree():
     with (ROOT / "pyproject.toml").open("rb") as f:
         project = tomllib.load(f)["project"]
-    direct = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
-    assert len(pins(direct)) == len(direct), f"unpinned: {[d for d in direct if '==' not in d]}"
+    direct = [*project["dependencies"], *(d for extra in project["optional-dependencies"].values() for d in extra)]
+    assert all(pins([d]) for d in direct), f"unpinned: {[d for d in direct if not pins([d])]}"
     constrained = pins((ROOT / "constraints.txt").read_text().splitlines())
     assert len(constrained) > 50  # the transitive closure, not only our own list
     differ = {name: (version, constrained.get(name)) for name, version in pins(direct).items()
@@ -87,3 +87,14 @@ def test_every_dependency_is_pinned_and_the_constraints_agree():
     for installer in (ROOT / "Makefile", DEPLOY / "site" / "Containerfile", DEPLOY / "coordinator" / "Containerfile"):
         text = installer.read_text()
         assert re.search(r"-c constraints\.txt -e '?\.", text), f"{installer} installs fedrad without constraints.txt"
+
+
+def test_the_gpl_decoder_is_opt_in_and_the_tests_still_get_it():
+    """pylibjpeg-libjpeg is GPL-3.0 (fedrad is Apache-2.0): not a default dependency, the extra gpl-jpeg, in dev."""
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        project = tomllib.load(f)["project"]
+    extras = project["optional-dependencies"]
+    assert "pylibjpeg-libjpeg" not in pins(project["dependencies"])
+    assert set(pins(extras["gpl-jpeg"])) == {"pylibjpeg-libjpeg"}
+    assert pins(extras["gpl-jpeg"]).items() <= pins(extras["dev"]).items()
+    assert "python-gdcm" in pins(project["dependencies"])  # BSD/Apache-2.0: JPEG baseline/lossless by default
