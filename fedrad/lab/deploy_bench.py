@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import statistics
@@ -270,8 +272,17 @@ def deploy_bench(out: Path, *, data: Path | None = None, rounds: int = 5, n_site
         if data is None:
             progress(f"{n_sites} synthetic hospitals, {patients} patients each ...")
             data = make_sites(root / "data", n_sites, patients)
-        results.update(run_deployment(data, root / "deploy", rounds=rounds, run_config=run_config,
-                                      site_args=site_args, progress=progress))
+        try:
+            results.update(run_deployment(data, root / "deploy", rounds=rounds, run_config=run_config,
+                                          site_args=site_args, progress=progress))
+        finally:  # the daemons' logs outlive the temporary folder: where a round's time went, per message
+            logs = out / "deploy-logs"
+            shutil.rmtree(logs, ignore_errors=True)
+            for log_file in (root / "deploy").rglob("*.log"):
+                target = logs / log_file.relative_to(root / "deploy")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log_file, target)
+        results.update(message_times(out / "deploy-logs"))
         if simulate:
             progress("the same run in the Simulation Engine ...")
             results.update(simulation_figures(data, root / "sim", rounds=rounds, run_config=run_config))
@@ -283,6 +294,25 @@ def deploy_bench(out: Path, *, data: Path | None = None, rounds: int = 5, n_site
     merged.update(results)
     path.write_text(json.dumps(merged, indent=2))
     return results
+
+
+MESSAGE_TIMES = re.compile(r"(\w+) message: pull ([0-9.]+) s, ClientApp ([0-9.]+) s, push ([0-9.]+) s")
+
+
+def message_times(logs: Path) -> dict[str, Any]:
+    """Median seconds per message of the warm sites' three steps, per message type, from their logs.
+
+    pull: from the task's start to the message with its arrays in the ClientApp (SuperLink ->
+    SuperNode -> ClientApp); ClientApp: the handler (site compute included); push: the reply
+    back to the SuperNode. Empty for `--cold` sites (Flower's own process logs no such line).
+    """
+    found: dict[str, list[tuple[float, float, float]]] = {}
+    for log_file in sorted(logs.rglob("*.log")) if logs.is_dir() else []:
+        for kind, pull, app, push in MESSAGE_TIMES.findall(log_file.read_text(errors="replace")):
+            found.setdefault(kind, []).append((float(pull), float(app), float(push)))
+    return {f"deploy_{kind}_message_median_seconds": {step: round(statistics.median(t[i] for t in times), 3)
+                                                      for i, step in enumerate(("pull", "clientapp", "push"))}
+            | {"messages": len(times)} for kind, times in found.items()}
 
 
 def simulation_figures(data: Path, out: Path, *, rounds: int, run_config: str) -> dict[str, Any]:
