@@ -88,11 +88,42 @@ def _shift_scores(run_dir: Path) -> dict[str, float]:
     return load_global_model(run_dir).registry.shift_scores()
 
 
-def execute(plan: ComparePlan, *, on_done: Callable[[Job, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+RESULT = "compare-result.json"  # in each job's folder: its config and result row, for --resume
+
+
+def finished(job: Job) -> dict[str, Any] | None:
+    """The result row a job left in its folder, if it ran to the end with exactly this config (--resume)."""
+    import json
+
+    path = Path(job.out_dir) / RESULT
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved["result"] if saved.get("config") == job.config else None
+
+
+def run_or_reuse(job: Job, resume: bool) -> dict[str, Any]:
+    """Run a job (or, with `resume`, take its finished result) and keep its result row in its folder."""
+    import json
+
+    if resume and (done := finished(job)) is not None:
+        log.info("reused (--resume): %s %s seed %d", "tuning" if job.tuning else job.kind, job.name, job.seed)
+        return done
+    result = run_job(job)
+    path = Path(job.out_dir) / RESULT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": job.config, "result": result}, default=float))
+    return result
+
+
+def execute(plan: ComparePlan, *, on_done: Callable[[Job, dict[str, Any]], None] | None = None,
+            resume: bool = False) -> list[dict[str, Any]]:
     """Tune each strategy's lr-max (when the plan has a grid), then run every job of the plan in order.
 
     `on_done(job, result)` after each job, tuning runs included. Returns the real runs'
-    results in plan order; the tuning is in `plan_tuned` (set here) for the report.
+    results in plan order; the tuning is in `plan_tuned` (set here) for the report. With
+    `resume`, a job whose folder holds its finished result for the same config is not run again.
     """
     from fedrad.lab.lr_tuning import carve_validation, choose_lr, tuning_summary, validation_auc
 
@@ -105,7 +136,7 @@ def execute(plan: ComparePlan, *, on_done: Callable[[Job, dict[str, Any]], None]
         carve_validation(Path(plan.base.data_dir), plan.tuning_data, seed=plan.base.seed)
         scores: dict[str, dict[float, float]] = {}
         for job in plan.tuning:
-            result = run_job(job)
+            result = run_or_reuse(job, resume)
             scores.setdefault(job.name, {})[float(job.config["lr-max"])] = validation_auc(result)
             if on_done:
                 on_done(job, result)
@@ -117,18 +148,19 @@ def execute(plan: ComparePlan, *, on_done: Callable[[Job, dict[str, Any]], None]
         name = plan.loso_bn_mode if job.kind == "loso" else job.name  # leave-one-out: its federation's strategy
         if name in chosen:
             job = dataclasses.replace(job, config={**job.config, "lr-max": chosen[name]})
-        results.append(run_job(job))
+        results.append(run_or_reuse(job, resume))
         if on_done:
             on_done(job, results[-1])
     return results
 
 
-def compare(plan: ComparePlan, *, on_done: Callable[[Job, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def compare(plan: ComparePlan, *, on_done: Callable[[Job, dict[str, Any]], None] | None = None,
+            resume: bool = False) -> dict[str, Any]:
     """Run the plan and write OUT/compare.json, compare.md, compare.png; return the compare dict."""
     from fedrad.lab.compare_report import summarize, write_compare
 
     start = time.perf_counter()
-    results = execute(plan, on_done=on_done)
+    results = execute(plan, on_done=on_done, resume=resume)
     summary = summarize(plan, results, wall_seconds=time.perf_counter() - start)
     write_compare(summary, plan.out)
     return summary

@@ -44,6 +44,9 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr-from", type=Path, default=None, metavar="COMPARE_JSON",
                    help="no tuning runs: each strategy's lr-max as an earlier compare chose it (its compare.json), "
                         "e.g. to run a second draw of the data at the rates tuned on the first")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse every job (tuning included) that already finished in OUT with the same config: an "
+                        "interrupted compare goes on, and a compare of more strategies reuses a smaller one's runs")
     p.add_argument("--loso-bn-mode", default="silobn", choices=("silobn", "fedbn", "shared"),
                    help="bn-mode of the leave-one-site-out federations (default: silobn, whose global model "
                         "carries the BN affine parameters)")
@@ -110,7 +113,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             progress.advance(task)
             log.info("%s", _job_line(job, result))
 
-        summary = compare(plan, on_done=on_done)
+        summary = compare(plan, on_done=on_done, resume=args.resume)
     out = Console()
     if not out.is_terminal:
         out.width = 200  # a log file gets the whole table on one line per strategy
