@@ -42,7 +42,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from fedrad.server.coordinator import daemon_env, superlink_command
     from fedrad.server.provision import CertsLayout
 
-    argv = superlink_command(CertsLayout(args.certs), args.state, host=args.host, port=args.port)
+    argv = superlink_command(CertsLayout(args.certs), args.state, host=args.host, port=args.port,
+                             busy_timeout_s=args.sqlite_busy_timeout)
     if args.dry_run:
         print(show(argv))
         return 0
@@ -159,11 +160,16 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
                        description="Start flower-superlink with the provisioned TLS certificate, node authentication "
                                    "on, runtime dependency installation off and its state (registered sites, runs) "
                                    "in STATE/superlink.db. Runs in the foreground until stopped.",
-                       epilog="example:\n  fedrad coordinator --certs certs --state /var/lib/fedrad --host 0.0.0.0")
+                       epilog="examples:\n  fedrad coordinator --certs certs --state /var/lib/fedrad --host 0.0.0.0\n"
+                              "  fedrad coordinator --certs certs --state /var/lib/fedrad --sqlite-busy-timeout 0   # Flower's 5 s")
     p.add_argument("--certs", type=Path, required=True, help="the folder `fedrad provision` made")
     p.add_argument("--state", type=Path, required=True, help="state folder (SuperLink database, Flower home)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for remote sites)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--sqlite-busy-timeout", type=float, default=20.0, metavar="SECONDS",
+                   help="how long a request waits for the state database's write lock before failing (default 20; "
+                        "Flower's own is 5 s, too short for many sites replying at once; 0 runs Flower's SuperLink "
+                        "unchanged; see deploy/README.md)")
     p.add_argument("--dry-run", action="store_true", help="print the flower-superlink command instead of running it")
     p.set_defaults(func=cmd_coordinator)
 

@@ -6,7 +6,7 @@ Each builds the command line of a Flower program from a provisioned certificate 
 - `superlink_command`: TLS with our CA's certificate, node authentication on, runtime
   dependency installation off (the sites and the coordinator run what is installed, never
   a `uv sync` from a registry), state in an SQLite database so registered sites survive a
-  restart.
+  restart, with a longer lock wait than Flower's 5 s (`fedrad.server.superlink_sqlite`).
 - `register_sites`: `flwr supernode register` for every site key, idempotent; a rotated key
   replaces the site's old registration.
 - `submit_command`: `flwr run` of this project on the `fedrad` connection, which
@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 from fedrad.common.config import PROJECT_ROOT
 from fedrad.common.flower_tools import flower_binary, flower_env, show, toml_literal
 from fedrad.server.provision import CertsLayout, check_site_name
+from fedrad.server.superlink_sqlite import DEFAULT_BUSY_TIMEOUT_S
 
 CONNECTION = "fedrad"
 log = logging.getLogger("fedrad.coordinator")
@@ -39,11 +41,21 @@ def require_coordinator_files(layout: CertsLayout) -> None:
                                     "first (see deploy/README.md).")
 
 
-def superlink_command(layout: CertsLayout, state_dir: Path, *, host: str = "127.0.0.1", port: int = 8000
-                      ) -> list[str]:
-    """The `flower-superlink` command line of a secure coordinator."""
+def superlink_command(layout: CertsLayout, state_dir: Path, *, host: str = "127.0.0.1", port: int = 8000,
+                      busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> list[str]:
+    """The `flower-superlink` command line of a secure coordinator.
+
+    With `busy_timeout_s` > 0 Flower's SuperLink runs through `fedrad.server.superlink_sqlite`,
+    which lets its SQLite requests wait that long for the write lock instead of Flower's fixed
+    5 s (many sites replying at once lost replies to `database is locked`); 0 runs
+    `flower-superlink` itself, unchanged.
+    """
     require_coordinator_files(layout)
-    return [flower_binary("flower-superlink"),
+    launcher = [flower_binary("flower-superlink")]
+    if busy_timeout_s:
+        launcher = [sys.executable, "-m", "fedrad.server.superlink_sqlite", "--busy-timeout", f"{busy_timeout_s:g}",
+                    "--"]
+    return [*launcher,
             "--ssl-ca-certfile", str(layout.coordinator_ca.resolve()),
             "--ssl-certfile", str(layout.server_cert.resolve()),
             "--ssl-keyfile", str(layout.server_key.resolve()),

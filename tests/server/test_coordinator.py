@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -20,7 +21,7 @@ def certs(tmp_path_factory):
 
 def test_superlink_runs_tls_with_node_auth_and_no_runtime_installs(certs, tmp_path):
     argv = superlink_command(CertsLayout(certs), tmp_path / "state", host="0.0.0.0", port=9443)
-    assert argv[0].endswith("flower-superlink")
+    assert argv[:3] == [sys.executable, "-m", "fedrad.server.superlink_sqlite"]  # Flower's, longer SQLite wait
     flags = dict(zip(argv[1::1], argv[2::1]))
     assert flags["--ssl-certfile"] == str(certs / "coordinator" / "server.pem")
     assert flags["--ssl-keyfile"] == str(certs / "coordinator" / "server.key")
