@@ -31,9 +31,10 @@ def start_sites(deployment, sites=SITES, extra: tuple[str, ...] = ()) -> None:
     deployment.wait_online(len(sites))
 
 
-def test_coordinator_killed_after_round_one_resumes_at_round_two(deployment, tmp_path):
+@pytest.mark.parametrize("mode", [(), ("--warm", "--poll-interval", "0.25")], ids=["flower", "warm"])
+def test_coordinator_killed_after_round_one_resumes_at_round_two(deployment, tmp_path, mode):
     sites = SITES[:2]  # two sites are enough here, and keep this test's CPU load down
-    start_sites(deployment, sites)
+    start_sites(deployment, sites, extra=mode)
     out = tmp_path / "out"
     run_config = FAST_RUN + " round-timeout=600.0"
     deployment.submit(out, run_config)
