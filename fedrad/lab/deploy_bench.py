@@ -296,22 +296,25 @@ def deploy_bench(out: Path, *, data: Path | None = None, rounds: int = 5, n_site
     return results
 
 
-MESSAGE_TIMES = re.compile(r"(\w+) message: pull ([0-9.]+) s, ClientApp ([0-9.]+) s, push ([0-9.]+) s")
+MESSAGE_TIMES = re.compile(r"(\w+) message: pull ([0-9.]+) s(?: \(header ([0-9.]+) s, arrays ([0-9.]+) s, "
+                           r"app ([0-9.]+) s\))?, ClientApp ([0-9.]+) s, push ([0-9.]+) s")
 
 
 def message_times(logs: Path) -> dict[str, Any]:
     """Median seconds per message of the warm sites' three steps, per message type, from their logs.
 
     pull: from the task's start to the message with its arrays in the ClientApp (SuperLink ->
-    SuperNode -> ClientApp); ClientApp: the handler (site compute included); push: the reply
-    back to the SuperNode. Empty for `--cold` sites (Flower's own process logs no such line).
+    SuperNode -> ClientApp), split into the header, the arrays (waiting for the SuperNode to
+    fetch them, then taking them) and loading the app; ClientApp: the handler (site compute
+    included); push: the reply back to the SuperNode. Empty for `--cold` sites (Flower's own process logs no such line).
     """
-    found: dict[str, list[tuple[float, float, float]]] = {}
+    steps = ("pull", "pull_header", "pull_arrays", "pull_app", "clientapp", "push")
+    found: dict[str, list[tuple[str, ...]]] = {}
     for log_file in sorted(logs.rglob("*.log")) if logs.is_dir() else []:
-        for kind, pull, app, push in MESSAGE_TIMES.findall(log_file.read_text(errors="replace")):
-            found.setdefault(kind, []).append((float(pull), float(app), float(push)))
-    return {f"deploy_{kind}_message_median_seconds": {step: round(statistics.median(t[i] for t in times), 3)
-                                                      for i, step in enumerate(("pull", "clientapp", "push"))}
+        for kind, *times in MESSAGE_TIMES.findall(log_file.read_text(errors="replace")):
+            found.setdefault(kind, []).append(tuple(times))
+    return {f"deploy_{kind}_message_median_seconds": {step: round(statistics.median(float(t[i]) for t in times), 3)
+                                                      for i, step in enumerate(steps) if all(t[i] for t in times)}
             | {"messages": len(times)} for kind, times in found.items()}
 
 
