@@ -153,8 +153,9 @@ def summarize(plan: ComparePlan, results: list[dict[str, Any]], *, wall_seconds:
         "bn_shift_scores": shift,
         "bn_shift_source": _shift_source(results),
         "most_shifted_sites": shifted,
-        "scanners": [{k: s[k] for k in ("name", "n_patients", "prevalence", "spacing_mm", "noise_hu", "kernel",
-                                         "hu_offset")} for s in truth["sites"]] if truth else None,
+        # series data (`fedrad synth --kind series`) has no 2-D spacing or kernel: those are None
+        "scanners": [{k: s.get(k) for k in ("name", "n_patients", "prevalence", "spacing_mm", "noise_hu", "kernel",
+                                            "hu_offset")} for s in truth["sites"]] if truth else None,
         "lr_tuning": plan.tuned,  # {} when the rates were not tuned (--no-tune)
         "wall_seconds": round(wall_seconds, 1),
         "results": results,  # every job's raw result, per seed

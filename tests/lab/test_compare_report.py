@@ -97,6 +97,21 @@ def test_summary_follows_the_schema_with_mean_and_sd_over_seeds(data, tmp_path):
     assert (tmp_path / "out" / "compare.png").stat().st_size > 1000
 
 
+def test_summary_of_series_data_whose_truth_has_no_2d_scanner_fields(tmp_path):
+    """`fedrad synth --kind series` truth names slice thickness, not spacing or kernel: compare still summarises."""
+    data = tmp_path / "series"
+    for name in "abc":
+        (data / name).mkdir(parents=True)
+        (data / name / "labels.csv").write_text("image,label,split\n")
+    (data / "truth.json").write_text(json.dumps({"kind": "series", "sites": [
+        {"name": n, "n_patients": 6, "prevalence": 0.4, "slice_mm": 2.5, "c_index_ceiling_test": 0.8} for n in "abc"]}))
+    p = plan_compare(RunConfig(data_dir=str(data)), out=tmp_path / "out", seeds=1, strategies=["fedbn"], loso=False)
+    summary = summarize(p, [fake_result("federated", "fedbn", 0, [0.9, 0.8, 0.7])], wall_seconds=1.0)
+    assert summary["scanners"][0] == {"name": "a", "n_patients": 6, "prevalence": 0.4, "spacing_mm": None,
+                                      "noise_hu": None, "kernel": None, "hu_offset": None}
+    assert "| fedbn | **0.900 ± 0.000** |" in to_markdown(summary)
+
+
 def test_mean_sd_ignores_undefined_values():
     assert mean_sd([0.5, None, float("nan"), 0.7]) == (0.6, pytest.approx(0.141421, abs=1e-6))
     assert mean_sd([None]) == (None, None)
