@@ -6,6 +6,7 @@ constants here so that the ClientApp, the strategy and the egress check agree on
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from typing import Any
 
@@ -126,6 +127,38 @@ def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     """ArrayRecord -> {key: ndarray}, for the coordinator's arithmetic."""
     return {k: v.numpy() for k, v in record.items()}
+
+
+def numpy_views(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> {key: read-only ndarray over the record's own bytes}: `to_numpy` without the copy.
+
+    The coordinator holds every site's reply until it aggregates; `to_numpy` then copies each
+    reply's arrays once more (with 100 sites and a 5.9 MB update, 584 MB measured). A view
+    shares the bytes the reply already holds, so the same values cost nothing twice. The views
+    are read-only (numpy refuses a write) and keep their record's bytes alive; an array that
+    is not a plain C-ordered `.npy` (Flower's own serialisation) is copied as `to_numpy` does.
+    """
+    out: dict[str, np.ndarray] = {}
+    for key, array in record.items():
+        view = _npy_view(array.data) if array.stype == "numpy.ndarray" and isinstance(array.data, bytes) else None
+        out[key] = view if view is not None else array.numpy()
+    return out
+
+
+def _npy_view(data: bytes) -> np.ndarray | None:
+    """A read-only ndarray over `.npy` bytes (no copy); None for Fortran order or object arrays."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(stream)
+    except ValueError:
+        return None
+    if fortran or dtype.hasobject:
+        return None
+    count = int(np.prod(shape)) if shape else 1
+    return np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(shape)
 
 
 def from_numpy(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -151,6 +151,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from fedrad.lab.bench import run_bench
 
+    if args.patients is None:  # --deploy's sites default to 40 patients, --virtual-sites' tiny ones to 16
+        args.patients = 16 if args.virtual_sites else 40
+    if args.virtual_sites:  # many tiny virtual sites in the Simulation Engine (fedrad.lab.scale_bench)
+        from fedrad.lab.scale_bench import main as virtual_main
+
+        return virtual_main(args)
+    if args.deploy and args.tiny_sites and args.data is None:  # many daemons on one machine: tiny sites
+        from fedrad.lab.deploy_bench import main as deploy_main
+        from fedrad.lab.scale_bench import tiny_sites_folder
+
+        with tiny_sites_folder(args.sites, patients=args.patients) as args.data:
+            return deploy_main(args)
     if args.deploy:  # a real deployment on loopback instead (fedrad.lab.deploy_bench)
         from fedrad.lab.deploy_bench import main as deploy_main
 
@@ -298,7 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Writes OUT/bench.json and prints a table: epoch_seconds_uncached, "
                                    "epoch_seconds_cached, images_per_second, bytes_per_round per strategy, "
                                    "full_model_bytes, simulate_wall_seconds, simulate_peak_rss_mb.",
-                       epilog="example: fedrad bench --out runs/bench")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  fedrad bench --out runs/bench\n"
+                              "  fedrad bench --deploy --out runs/bench-deploy\n"
+                              "  fedrad bench --virtual-sites 100 --out runs/bench-100")
     p.add_argument("--data", type=Path, default=None, help=f"site folders (default: {DEFAULT_DATA})")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where bench.json goes (default: runs/bench)")
     p.add_argument("--no-simulate", action="store_true", help="skip the (minute-long) default simulation")
@@ -306,14 +321,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: a secure deployment on loopback (coordinator + site daemons, TLS, node auth), "
                         "deploy_round_seconds / deploy_site_compute_seconds / deploy_overhead_seconds, and the same "
                         "run simulated (--data: site folders to use; default: --sites synthetic ones)")
-    p.add_argument("--rounds", type=int, default=5, help="--deploy: rounds (default 5)")
+    p.add_argument("--virtual-sites", type=int, default=0, metavar="N",
+                   help="instead: N tiny synthetic sites (--patients each, 96 px) in the Simulation Engine for "
+                        "--rounds rounds (or the sites in --data): round times, wall time, peak memory of the whole "
+                        "simulation (PSS over its process tree, also per role), per-site AUCs; run config default "
+                        "\"local-epochs=1 batch-size=8 fov-mm=32.0\"")
+    p.add_argument("--rounds", type=int, default=5, help="--deploy, --virtual-sites: rounds (default 5)")
     p.add_argument("--sites", type=int, default=3, help="--deploy: synthetic sites (default 3)")
-    p.add_argument("--patients", type=int, default=40, help="--deploy: patients per synthetic site (default 40)")
+    p.add_argument("--tiny-sites", action="store_true",
+                   help="--deploy: the synthetic sites are tiny (96-px slices, --patients each, a site policy of "
+                        "min-count 2 so that they train), as for 16 daemons on one machine")
+    p.add_argument("--patients", type=int, default=None,
+                   help="patients per synthetic site (default: 40 with --deploy, 16 with --virtual-sites)")
     p.add_argument("--poll-interval", type=float, default=0.25, help="--deploy: the sites' poll interval (default 0.25)")
     p.add_argument("--cold", action="store_true", help="--deploy: sites in Flower's own mode (a process per message, "
                                                        "3 s polls) instead of warm")
     p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
-                   help="--deploy: run-config overrides for both runs")
+                   help="--deploy: run-config overrides for both runs; --virtual-sites: the run config")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("bench-gpu", help="GPU benchmark: local-training images/s vs bare forward+backward images/s",
