@@ -11,7 +11,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 # spinning threads starve each other (measured: 30-60x slower small convolutions).
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv demo test test-slow test-all constraints clean
+.PHONY: venv demo test test-slow test-bench test-all constraints clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,9 @@ test: $(STAMP)  ## quick tests (a few minutes on 2 cores)
 
 test-slow: $(STAMP)  ## end-to-end runs (Flower simulation)
 	$(BIN)/python -m pytest -q -m slow
+
+test-bench: $(STAMP)  ## benchmarks run by hand, not in CI: 16 site daemons on one machine (~9 GB, 10+ min)
+	$(BIN)/python -m pytest -q -s -m bench
 
 test-all: test test-slow
 
