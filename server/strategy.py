@@ -51,6 +51,7 @@ from fedrad.common.records import (
     NUM_EXAMPLES,
     WITHHELD,
     from_numpy,
+    numpy_views,
     payload_bytes,
     prior_record,
     to_numpy,
@@ -210,7 +211,7 @@ class FedRad(FedAvg):
             try:
                 if ARRAYS not in msg.content or METRICS not in msg.content:
                     raise UpdateRejected(f"site {name}: reply lacks the '{ARRAYS}' or '{METRICS}' record.")
-                arrays = to_numpy(msg.content[ARRAYS])  # type: ignore[arg-type]
+                arrays = numpy_views(msg.content[ARRAYS])  # type: ignore[arg-type]  # views: no second copy
                 metrics = dict(msg.content[METRICS])  # type: ignore[arg-type]
                 validate_update(name, arrays, metrics.get(NUM_EXAMPLES), self.expected)
                 bn_of[name] = self._bn_stats(name, msg, metrics)
