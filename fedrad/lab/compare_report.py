@@ -242,7 +242,10 @@ def to_markdown(summary: dict[str, Any]) -> str:
     lines += ["", "| strategy | what it is |", "|---|---|"]
     lines += [f"| {r['strategy']} | {r['description']} |" for r in summary["runs"]]
     tuned = summary.get("lr_tuning") or {}
-    if tuned:
+    if "lr_from" in tuned:  # --lr-from: the rates an earlier compare chose; no tuning here
+        lines += ["", "lr-max per strategy as an earlier compare chose it (`--lr-from`; not tuned on this data): "
+                  + ", ".join(f"{name} {lr:g}" for name, lr in tuned["lr_from"].items()) + "."]
+    elif tuned:
         grid = next(iter(tuned.values()))["grid"]
         lines += ["", "## lr-max chosen on a validation split", "",
                   "Each strategy ran once per rate (first seed) on a copy of the data whose validation rows (25 % "
