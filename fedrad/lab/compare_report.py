@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,18 @@ def _clean(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else round(float(v), 6)
 
 
-def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+def finite_mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:
     """Mean and sample sd (ddof 1; 0 for one value) of the finite values; None when there are none."""
     ok = [v for v in values if v is not None and math.isfinite(v)]
     if not ok:
         return None, None
-    return _clean(float(np.mean(ok))), _clean(float(np.std(ok, ddof=1)) if len(ok) > 1 else 0.0)
+    return float(np.mean(ok)), float(np.std(ok, ddof=1)) if len(ok) > 1 else 0.0
+
+
+def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    """`finite_mean_sd`, rounded to 6 decimals for compare.json."""
+    mean, sd = finite_mean_sd(values)
+    return _clean(mean), _clean(sd)
 
 
 def _by_seed(results: list[dict[str, Any]], kind: str, name: str) -> dict[int, dict[str, Any]]:

@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 SITES = ("site-a", "site-b", "site-c")
 HANG_GUARD_S = 1800.0  # stops a hung benchmark; a healthy one takes a few minutes
@@ -92,13 +92,17 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> None:
+        """One look at the processes' memory; a subclass may record more per sample."""
+        rss, pss = tree_memory(self._pids())
+        self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss, pss = tree_memory(self._pids())
-            self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
+            self.sample()
             self._stop.wait(self._every)
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

@@ -16,10 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedrad.common.config import RunConfig
 from fedrad.common.dp import epsilon
+from fedrad.lab.compare_report import finite_mean_sd
 from fedrad.lab.simulate import simulate
 
 
@@ -49,13 +48,6 @@ def run_dp_study(cfg: RunConfig, out_dir: Path, *, noises: Sequence[float], seed
     return study
 
 
-def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return None, None
-    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
-
-
 def summarise(runs: list[dict[str, Any]], settings: Sequence[float | None], cfg: RunConfig) -> dict[str, Any]:
     """Per site and setting: mean and sd of the test AUC over seeds; epsilon per setting."""
     sites = sorted({name for run in runs for name in run["sites"]})
@@ -64,7 +56,7 @@ def summarise(runs: list[dict[str, Any]], settings: Sequence[float | None], cfg:
         chosen = [r for r in runs if r["noise"] == noise]
         eps = None if noise is None else epsilon(float(noise), cfg.num_server_rounds, cfg.dp_delta)
         rows.append({"noise": noise, "epsilon": eps if eps is None or math.isfinite(eps) else None,
-                     "auc": {s: dict(zip(("mean", "sd"), _mean_sd([r["sites"].get(s) for r in chosen])))
+                     "auc": {s: dict(zip(("mean", "sd"), finite_mean_sd([r["sites"].get(s) for r in chosen])))
                              for s in sites}})
     return {"clip": cfg.dp_clip, "delta": cfg.dp_delta, "rounds": cfg.num_server_rounds, "sites": sites,
             "seeds": sorted({r["seed"] for r in runs}), "rows": rows, "runs": runs}

@@ -27,11 +27,12 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
+
+from fedrad.lab.deploy_bench import PeakMemory
 
 TINY_RUN = "local-epochs=1 batch-size=8 fov-mm=32.0"
 TINY_POLICY = "min-count = 2\n"
@@ -67,16 +68,14 @@ def role(title: str, root: bool) -> str:
     return "ray"
 
 
-class PeakByRole:
+class PeakByRole(PeakMemory):
     """Samples the PSS/RSS of a process tree every `every` s: the peak of the sum, and each role's own peak."""
 
     def __init__(self, pid: int, every: float = 0.5) -> None:
-        self.pid, self.every = pid, every
-        self.pss = self.rss = 0
+        super().__init__(lambda: [pid], every)
+        self.pid = pid
         self.by_role: dict[str, int] = {}
         self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
         import psutil
@@ -102,19 +101,6 @@ class PeakByRole:
         self.pss, self.rss = max(self.pss, pss), max(self.rss, rss)
         for kind, value in roles.items():
             self.by_role[kind] = max(self.by_role.get(kind, 0), value)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.every)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def run_virtual_sites(data: Path, out: Path, *, rounds: int, run_config: str, extra: Sequence[str] = (),

@@ -20,14 +20,12 @@ patients, so the gap to it is paired; the study reports the figures rather than 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedrad.common.config import RunConfig
+from fedrad.lab.compare_report import finite_mean_sd
 
 TOLERANCE = 0.03  # issue 18: every site within 0.03 of the true-risk C-index ceiling
 
@@ -101,13 +99,6 @@ def _local(cfg: RunConfig, path: Path, *, resume: bool, progress: Callable[[str]
     return result
 
 
-def _mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return None, None
-    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
-
-
 def summarise(runs: list[dict[str, Any]], truth: dict[str, dict[str, Any]], *, tolerance: float,
               cfg: RunConfig) -> dict[str, Any]:
     """Per site: ceiling, federated and site-alone C-index per seed, mean ± sd, and whether each target holds.
@@ -134,15 +125,15 @@ def summarise(runs: list[dict[str, Any]], truth: dict[str, dict[str, Any]], *, t
                                   else all(ceiling - v <= tolerance for v in fed)),
                "above_local": None if not complete else all(f > a for f, a in zip(fed, alone))}
         for key, values in (("federated", fed), ("local", alone)):
-            row[f"{key}_mean"], row[f"{key}_sd"] = _mean_sd(values)
+            row[f"{key}_mean"], row[f"{key}_sd"] = finite_mean_sd(values)
         for key in ("td_auc", "integrated_brier"):
-            row[f"federated_{key}_mean"], row[f"federated_{key}_sd"] = _mean_sd(
+            row[f"federated_{key}_mean"], row[f"federated_{key}_sd"] = finite_mean_sd(
                 [by_site(run, "federated").get(name, {}).get(key) for run in runs])
-            row[f"local_{key}_mean"], row[f"local_{key}_sd"] = _mean_sd(
+            row[f"local_{key}_mean"], row[f"local_{key}_sd"] = finite_mean_sd(
                 [by_site(run, "local").get(name, {}).get(key) for run in runs])
         sites.append(row)
     pooled = [run["federated"]["c_index_federated"] for run in runs]
-    mean, sd = _mean_sd(pooled)
+    mean, sd = finite_mean_sd(pooled)
     return {"seeds": [run["seed"] for run in runs], "tolerance": tolerance, "rounds": cfg.num_server_rounds,
             "local_epochs": cfg.local_epochs, "lr_max": cfg.lr_max, "freeze_blocks": cfg.freeze_blocks,
             "sites": sites, "c_index_federated": pooled, "c_index_federated_mean": mean, "c_index_federated_sd": sd,
