@@ -24,8 +24,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
 from fedrad.client import egress_log
 from fedrad.client.bn_shrink import pooled_statistics, shrink_site_bn
@@ -43,6 +44,7 @@ from fedrad.client.refusals import guarded, refusal
 from fedrad.client.site_shift import evaluate_site
 from fedrad.client.survival_site import evaluate_survival, fit_survival
 from fedrad.client.train import fit, pick_device
+from fedrad.common.codes import CODES, reason
 from fedrad.common.config import RunConfig
 from fedrad.common.dp import epsilon
 from fedrad.common.efficientnet_lite import NUM_FEATURES, EfficientNetLite0
@@ -52,6 +54,7 @@ from fedrad.common.feature_shift import projection as own_projection
 from fedrad.common.finetune import local_keys, shared_keys, site_bn_stat_keys
 from fedrad.common.labelshift import logit_adjustment
 from fedrad.common.model import build_model
+from fedrad.common.packing import PackingError, pack_content, unpack_content
 from fedrad.common.piggyback import combine, evaluate_round
 from fedrad.common.records import (
     ARRAYS,
@@ -92,7 +95,31 @@ from fedrad.common.sites import discover_sites
 
 LOCAL_STATE = "fedrad-local"  # key in context.state: this site's own BN tensors
 log = logging.getLogger("fedrad.site")
-app = ClientApp()
+
+
+def on_the_wire(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower mod: arrays arrive packed and leave packed (`fedrad.common.packing`); handlers see plain records.
+
+    The reply is packed after the handler returned it, so the whitelist and the egress log
+    saw (and logged) the records themselves. A message whose packed arrays do not describe
+    their bytes is refused like any other failure: a code goes out, the text stays here.
+    """
+    try:
+        msg.content = unpack_content(msg.content)
+    except PackingError as err:
+        try:
+            work = where(msg, context)[0]
+        except Exception:  # noqa: BLE001 - the config itself may be what failed
+            work = None
+        code, incident = refusal(err, work)
+        return Message(Error(CODES[code], reason(code, incident)), reply_to=msg)
+    reply = call_next(msg, context)
+    if not reply.has_error():
+        reply.content = pack_content(reply.content)
+    return reply
+
+
+app = ClientApp(mods=[on_the_wire])
 
 
 def site_folder(context: Context, cfg: RunConfig) -> Path:

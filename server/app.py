@@ -25,7 +25,7 @@ from fedrad.server.checkpoint import Checkpointer, checkpoint_path
 from fedrad.server.global_model import restore_registry, save_global_model
 from fedrad.server.reference import exchange_reference, needed
 from fedrad.server.report import build_report, write_report
-from fedrad.server.rounds import run_rounds
+from fedrad.server.rounds import PhaseClock, run_rounds
 from fedrad.server.shift_report import harmonization_section
 from fedrad.server.shift_tracking import FedRadShift
 from fedrad.server.strategy import SiteLog
@@ -71,6 +71,8 @@ def run_federation(grid: Grid, cfg: RunConfig, truth: Mapping[str, Mapping[str, 
     run_config = config_record(cfg.to_run_config(), {FEDERATION_ID: checkpoints.federation_id})
     strategy.summary()
 
+    clock = PhaseClock()
+
     def end_of_round(server_round: int, arrays: ArrayRecord) -> None:
         checkpoints.save(server_round, arrays, strategy)
         save_global_model(Path(cfg.out_dir), server_round=server_round, shared=to_numpy(arrays),
@@ -80,13 +82,14 @@ def run_federation(grid: Grid, cfg: RunConfig, truth: Mapping[str, Mapping[str, 
     run_rounds(grid, strategy, arrays, first=checkpoints.done + 1, last=cfg.num_server_rounds,
                timeout=cfg.round_timeout, train_config=run_config, evaluate_config=ConfigRecord(run_config),
                rejoin_wait=cfg.rejoin_wait, asked_before=exchange.asked if exchange is not None else None,
-               on_round_end=end_of_round)
+               on_round_end=end_of_round, clock=clock)
     report = build_report(cfg, strategy.sites, wall_seconds=checkpoints.wall_seconds(),
                           full_model_bytes=full_model_bytes,
                           shared_payload_bytes=sum(a.nbytes for a in to_numpy(initial).values())
                           + sum(math.prod(s.shape) * s.dtype.itemsize for s in bn_expected.values()),
                           rejected=strategy.rejected, failed=strategy.failed, truth=truth)
     report["round_seconds"] = {str(r): s for r, s in sorted(checkpoints.round_seconds.items())}
+    report["round_phase_seconds"] = {str(r): p for r, p in sorted(clock.rounds.items())}  # this run's rounds
     report["bn_registry"] = strategy.bn_registry.summary()  # per site: round, image count (stats: global.npz)
     if exchange is not None:
         report["harmonization"] = harmonization_section(exchange, strategy.shift)

@@ -32,6 +32,7 @@ from fedrad.common.config import RunConfig
 from fedrad.common.efficientnet_lite import NUM_FEATURES
 from fedrad.common.feature_shift import Moments, projection, shift_scores
 from fedrad.common.harmonize import bin_edges, histogram_problem, pool_histograms, summary
+from fedrad.common.packing import PackingError
 from fedrad.common.records import (
     CONFIG,
     HARMONIZED,
@@ -49,7 +50,7 @@ from fedrad.common.records import (
     moment_keys,
 )
 from fedrad.server.identity import IdentityRefused, bind
-from fedrad.server.rounds import registered_names, send_and_receive
+from fedrad.server.rounds import registered_names, send_and_receive, unpacked
 from fedrad.server.strategy import failure
 
 log = logging.getLogger("fedrad.coordinator")
@@ -149,8 +150,12 @@ def query_sites(grid: Grid, cfg: RunConfig, kind: str, reference: ArrayRecord | 
         if reply.has_error():
             failed.append(f"node {reply.metadata.src_node_id}: {failure(reply)}")
             log.warning("%s query: %s", kind, failed[-1])
-        else:
-            ok.append(reply)
+            continue
+        try:
+            ok.append(unpacked(reply))
+        except PackingError as err:
+            failed.append(f"node {reply.metadata.src_node_id}: malformed reply: {err}")
+            log.warning("%s query: %s", kind, failed[-1])
     if len(ok) < cfg.min_sites:
         raise RuntimeError(f"The '{kind}' query before round 1 got {len(ok)} answers from {len(nodes)} sites "
                            f"(min-sites {cfg.min_sites}); failures: {failed or 'none (timed out)'}. Fix the failing "

@@ -20,14 +20,18 @@ are enough to move the global model. Before the next round the coordinator waits
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 import time
+import types
 from collections.abc import Callable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from flwr.serverapp import Grid
 
 from fedrad.common.codes import CODES, reason
+from fedrad.common.packing import PackingError, pack_content, unpack_content
 from fedrad.common.piggyback import RideError, ask, rides, split
 from fedrad.server.strategy import FedRad
 
@@ -57,11 +61,61 @@ def _record_lost(strategy: FedRad, server_round: int, node: int, reason: str) ->
     log.warning("round %d: %s: %s; the round goes on with the others", server_round, name, reason)
 
 
+CHECKED_FLWR = "1.42.0"
 GRID_POLL_S = 0.1  # seconds between the coordinator's asks for replies (Flower's deployment Grid: 3 s)
 
 
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float, *, poll: float | None = None
-                     ) -> list[Message]:
+class PhaseClock:
+    """Where each round's time goes on the coordinator: seconds per phase, for the log and the report.
+
+    Phases: `rejoin` (waiting for lost sites), `configure` (building the messages), `push`
+    (handing them and their arrays to the SuperLink), `replies` (waiting for the sites),
+    `aggregate`, `files` (checkpoint, global model). What the sites do is in their own logs.
+    """
+
+    def __init__(self) -> None:
+        self.rounds: dict[int, dict[str, float]] = {}
+        self._phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def start(self, server_round: int) -> None:
+        self._phases = self.rounds.setdefault(server_round, {})
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        """The time since the last mark was spent in `phase` (added to it, if it came before)."""
+        now = time.perf_counter()
+        self._phases[phase] = round(self._phases.get(phase, 0.0) + now - self._last, 3)
+        self._last = now
+
+    def line(self, server_round: int) -> str:
+        return ", ".join(f"{k} {v:.2f} s" for k, v in self.rounds.get(server_round, {}).items())
+
+
+OBJECT_RETRY_S = 0.02  # first wait before asking again for a reply's arrays not at the SuperLink yet (Flower: 1 s)
+
+
+def quick_object_retries(module: types.ModuleType, poll: float) -> bool:
+    """Make the deployment Grid ask again for a reply's missing objects after 20 ms (capped at `poll`), not 1 s.
+
+    A site pushes its reply's header before its arrays. The Grid sees the reply at once and
+    pulls its arrays; those not in yet make Flower's `pull_objects` wait 1 s, then 2 s
+    (not settable), while they arrive within milliseconds on a LAN. Only the waits change;
+    False (nothing changed) where the module is not the one this was written against.
+    """
+    from flwr import __version__ as flwr_version
+
+    pull = getattr(module, "pull_objects", None)
+    if flwr_version != CHECKED_FLWR or pull is None:
+        return False
+    if not isinstance(pull, functools.partial):
+        module.pull_objects = functools.partial(pull, initial_backoff=OBJECT_RETRY_S,  # type: ignore[attr-defined]
+                                                backoff_cap=max(poll, OBJECT_RETRY_S))
+    return True
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float, *, poll: float | None = None,
+                     clock: PhaseClock | None = None) -> list[Message]:
     """`Grid.send_and_receive`, with a short poll on the deployment Grid: push, then pull every `poll` s.
 
     Flower 1.42's deployment Grid (`HttpGrid`) sleeps a fixed 3 s between pulls (not
@@ -71,10 +125,22 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float, *, pol
     """
     from flwr.superlink.grid.http_grid import HttpGrid
 
-    if poll is None and not isinstance(grid, HttpGrid):
-        return list(grid.send_and_receive(messages, timeout=timeout))
-    poll = GRID_POLL_S if poll is None else poll
-    pending = set(grid.push_messages(messages))
+    clock = clock or PhaseClock()
+    contents = [msg.content for msg in messages]
+    for msg in messages:  # one buffer per ArrayRecord on the wire (fedrad.common.packing); replies: `unpacked`
+        msg.content = pack_content(msg.content)
+    try:
+        if poll is None and not isinstance(grid, HttpGrid):
+            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            clock.mark("replies")
+            return replies
+        poll = GRID_POLL_S if poll is None else poll
+        quick_object_retries(sys.modules[type(grid).__module__], poll)
+        pending = set(grid.push_messages(messages))
+        clock.mark("push")
+    finally:  # the caller's messages keep their records as built (their ids were set as pushed)
+        for msg, content in zip(messages, contents):
+            msg.content = content
     end = time.monotonic() + timeout
     replies: list[Message] = []
     while pending:
@@ -84,11 +150,19 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float, *, pol
         if not pending or time.monotonic() >= end:
             break
         time.sleep(poll)
+    clock.mark("replies")
     return replies
 
 
+def unpacked(reply: Message) -> Message:
+    """A reply with its packed ArrayRecords unpacked (in place); `PackingError` if one does not describe its bytes."""
+    if not reply.has_error():
+        reply.content = unpack_content(reply.content)
+    return reply
+
+
 def _exchange(grid: Grid, strategy: FedRad, messages: list[Message], server_round: int, stage: str,
-              timeout: float) -> list[Message]:
+              timeout: float, clock: PhaseClock | None = None) -> list[Message]:
     """Send, wait up to `timeout`, and record (by site name) the sites that did not reply.
 
     Two ways a site is lost: no reply before the timeout, or an error reply the SuperLink
@@ -96,7 +170,7 @@ def _exchange(grid: Grid, strategy: FedRad, messages: list[Message], server_roun
     strategy sees only what the sites themselves sent.
     """
     _learn_names(strategy, registered_names(grid))  # so a site lost in its first round is named
-    replies = send_and_receive(grid, messages, timeout)
+    replies = send_and_receive(grid, messages, timeout, clock=clock)
     dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when pushed
     answered, kept = set(), []
     for reply in replies:
@@ -104,8 +178,11 @@ def _exchange(grid: Grid, strategy: FedRad, messages: list[Message], server_roun
         answered.add(node)
         if reply.has_error() and reply.metadata.src_node_id != node:  # the SuperLink answered for the site
             _record_lost(strategy, server_round, node, f"{stage}: {reply.error.reason}")
-        else:
-            kept.append(reply)
+            continue
+        try:
+            kept.append(unpacked(reply))
+        except PackingError as err:
+            strategy.reject(server_round, _names(strategy, {node}), f"malformed reply: {err}")
     for node in sorted(set(dst_of.values()) - answered):
         _record_lost(strategy, server_round, node, f"no {stage} reply within round-timeout {timeout:g} s")
     return kept
@@ -185,36 +262,46 @@ def split_replies(strategy: FedRad, server_round: int, sent: list[Message], repl
 def run_rounds(grid: Grid, strategy: FedRad, arrays: ArrayRecord, *, first: int, last: int, timeout: float,
                train_config: ConfigRecord, evaluate_config: ConfigRecord, rejoin_wait: float = 0.0,
                asked_before: Mapping[int, str] | None = None,
-               on_round_end: Callable[[int, ArrayRecord], None] | None = None) -> ArrayRecord:
+               on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+               clock: PhaseClock | None = None) -> ArrayRecord:
     """Run rounds first..last (inclusive; none when first > last); return the final global arrays.
 
     `asked_before`: node id -> registered name ("" if none) of the sites messaged just before
     round `first` (the reference exchange); like a round's sites, those offline when it
-    starts are waited for up to `rejoin_wait` s.
+    starts are waited for up to `rejoin_wait` s. `clock` gets each round's phases (coordinator side).
     """
     if first > last:
         log.info("rounds 1..%d are already done (resumed from a checkpoint): nothing to train; use another "
                  "out-dir to train this experiment again", first - 1)
     _learn_names(strategy, asked_before or {})
     last_sent = set(asked_before or {})  # the sites messaged in the previous round (or exchange)
+    clock = clock or PhaseClock()
     for server_round in range(first, last + 1):
+        clock.start(server_round)
         _await_rejoin(grid, strategy, last_sent, rejoin_wait, server_round)
+        clock.mark("rejoin")
         log.info("round %d of %d: training", server_round, last)
         sent = list(strategy.configure_train(server_round, arrays, train_config, grid))
         evaluating = ask_evaluation_first(strategy, grid, sent, server_round, arrays, evaluate_config)
         last_sent = {m.metadata.dst_node_id for m in sent}
-        replies = _exchange(grid, strategy, sent, server_round, "train", timeout)
+        clock.mark("configure")
+        replies = _exchange(grid, strategy, sent, server_round, "train", timeout, clock)
         if evaluating is not None:
             replies, evaluations = split_replies(strategy, server_round, sent, replies)
             strategy.aggregate_evaluate(evaluating, evaluations)
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
+        clock.mark("aggregate")
         if server_round == last:  # the last model is evaluated in a message of its own (calibration, label shift)
             sent = list(strategy.configure_evaluate(server_round, arrays, evaluate_config, grid))
             last_sent |= {m.metadata.dst_node_id for m in sent}
-            replies = _exchange(grid, strategy, sent, server_round, "evaluate", timeout)
+            clock.mark("configure")
+            replies = _exchange(grid, strategy, sent, server_round, "evaluate", timeout, clock)
             strategy.aggregate_evaluate(server_round, replies)
+            clock.mark("aggregate")
         if on_round_end is not None:
             on_round_end(server_round, arrays)
+        clock.mark("files")
+        log.info("round %d on the coordinator: %s", server_round, clock.line(server_round))
     return arrays

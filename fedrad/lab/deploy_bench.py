@@ -197,7 +197,11 @@ def _figures(prefix: str, out: Path, rounds: int) -> dict[str, Any]:
     compute = _site_compute(ckpt, rounds)["max"]
     overhead = [round(r - c, 3) for r, c in zip(round_s, compute)]
     later = overhead[1:] or overhead
-    return {f"{prefix}_round_seconds": round_s, f"{prefix}_site_compute_seconds": compute,
+    phases = [report.get("round_phase_seconds", {}).get(str(r), {}) for r in range(2, rounds + 1)]
+    names = sorted({k for p in phases for k in p})
+    return {f"{prefix}_coordinator_phase_median_seconds":  # rounds 2..N: where the coordinator's side of a round goes
+            {k: round(statistics.median([p.get(k, 0.0) for p in phases]), 3) for k in names},
+            f"{prefix}_round_seconds": round_s, f"{prefix}_site_compute_seconds": compute,
             f"{prefix}_overhead_seconds": overhead,
             f"{prefix}_overhead_median_seconds": round(statistics.median(later), 3),
             f"{prefix}_round_median_seconds": round(statistics.median(round_s[1:] or round_s), 3),

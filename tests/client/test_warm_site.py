@@ -9,6 +9,7 @@ import time
 import types
 
 import pytest
+from flwr.app import RecordDict
 
 from fedrad.client import site_supervisor, supernode_polling, warm_clientapp
 from fedrad.client.daemon import site_command
@@ -107,8 +108,9 @@ class FakeGrid:
 
 
 def _messages(n):
-    """Stand-ins for the messages of a round: the exchange only reads and sets their metadata."""
-    return [types.SimpleNamespace(metadata=types.SimpleNamespace(dst_node_id=i + 1)) for i in range(n)]
+    """Stand-ins for the messages of a round: the exchange reads and sets their metadata, and packs their content."""
+    return [types.SimpleNamespace(metadata=types.SimpleNamespace(dst_node_id=i + 1), content=RecordDict())
+            for i in range(n)]
 
 
 def test_short_poll_exchange_returns_every_reply_and_stops_at_the_timeout():

@@ -10,6 +10,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from fedrad.common.config import RunConfig
 from fedrad.common.feature_shift import moments, shift_scores
 from fedrad.common.harmonize import N_BINS, intensity_histogram, pool_histograms
+from fedrad.common.packing import unpack_content
 from fedrad.common.records import from_numpy
 from fedrad.server.aggregate import spec_of
 from fedrad.server.reference import choose_spacing, exchange_reference, needed
@@ -51,7 +52,8 @@ class FakeGrid:
                 records = {} if config["spacing-mm"] == 0 else {"intensity": from_numpy(
                     {"histogram": intensity_histogram(hu)})}
             else:
-                assert msg.content["reference"]["projection"].numpy().shape == (4, 1280)
+                sent = unpack_content(msg.content)  # the arrays travel packed, as a site receives them
+                assert sent["reference"]["projection"].numpy().shape == (4, 1280)
                 m = moments(z)
                 records = {"moments": from_numpy({"raw/feature-mean": m.mean, "raw/feature-cov": m.cov,
                                                   "harmonized/feature-mean": m.mean / 2,

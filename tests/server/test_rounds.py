@@ -4,8 +4,9 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from fedrad.common.packing import LAYOUT, PACKED, pack_content, unpack_content
 from fedrad.common.piggyback import combine, evaluate_round
 from fedrad.common.records import from_numpy, to_numpy
 from fedrad.server.aggregate import spec_of
@@ -159,3 +160,45 @@ def test_a_site_lost_in_the_exchange_before_round_one_is_waited_for_by_name(capl
                                asked_before=asked)
     assert "round 1: waiting up to 30 s for c to reconnect" in caplog.text
     assert ("train", 1) not in run(FakeGrid(offline_s=0.5, start_offline=True), rejoin_wait=30.0, first=1, last=1)
+
+
+class PackingGrid(FakeGrid):
+    """Sites as their ClientApp is: a message's arrays arrive packed and the reply's leave packed.
+
+    Site b's packed reply lies about its bytes (a malformed update); with `plain`, site a answers unpacked.
+    """
+
+    def __init__(self, plain=False):
+        super().__init__()
+        self.arrived, self.plain = [], plain
+
+    def send_and_receive(self, messages, *, timeout):
+        for msg in messages:
+            self.arrived.append(sorted(msg.content["arrays"]))
+            msg.content = unpack_content(msg.content)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error() or (node == 1 and self.plain):
+                continue
+            reply.content = pack_content(reply.content)
+            if node == 2 and "arrays" in reply.content:
+                good = reply.content["arrays"]
+                reply.content["arrays"] = ArrayRecord({PACKED: good[PACKED], LAYOUT: Array(np.frombuffer(
+                    b'[["w","<f4",[3]],["b","<f4",[9]]]', dtype=np.uint8))})
+        return replies
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_arrays_travel_packed_and_a_packed_reply_that_lies_is_rejected_naming_the_site(plain):
+    shared = {"w": np.zeros(3, np.float32), "b": np.zeros(2, np.float32)}
+    grid, ends = PackingGrid(plain=plain), []
+    strategy = FedRad(expected=spec_of(shared), min_sites=1)
+    run_rounds(grid, strategy, from_numpy(shared), first=1, last=2, timeout=5.0, train_config=ConfigRecord({}),
+               evaluate_config=ConfigRecord({}), on_round_end=lambda r, arrays: ends.append(to_numpy(arrays)))
+    assert grid.arrived and all(keys == [LAYOUT, PACKED] for keys in grid.arrived)  # never the arrays one by one
+    assert [(r, site) for r, site, _ in strategy.rejected] == [(1, "b"), (2, "b")]
+    assert "malformed reply: record 'arrays': the layout describes 48 bytes, the buffer holds 20" in \
+        strategy.rejected[0][2]
+    np.testing.assert_array_equal(ends[-1]["w"], np.full(3, 2.0))  # a's update alone (+1 a round), unpacked exactly
+    np.testing.assert_array_equal(ends[-1]["b"], np.full(2, 2.0))
