@@ -106,11 +106,8 @@ def on_the_wire(msg: Message, context: Context, call_next: ClientAppCallable) ->
     """
     try:
         msg.content = unpack_content(msg.content)
-    except PackingError as err:
-        try:
-            work = where(msg, context)[0]
-        except Exception:  # noqa: BLE001 - the config itself may be what failed
-            work = None
+    except PackingError as err:  # the run config is in the packed part: the work folder is known in deployment only
+        work = Path(str(context.node_config["work-dir"])) if "work-dir" in context.node_config else None
         code, incident = refusal(err, work)
         return Message(Error(CODES[code], reason(code, incident)), reply_to=msg)
     reply = call_next(msg, context)

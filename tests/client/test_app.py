@@ -11,7 +11,7 @@ import fedrad.client.app as site_app
 from fedrad.common.config import RunConfig
 from fedrad.common.finetune import shared_keys, site_bn_stat_keys
 from fedrad.common.model import build_model
-from fedrad.common.packing import LAYOUT, PACKED, pack_content, unpack_content
+from fedrad.common.packing import LAYOUT, PACKED, WIRE, pack_content, unpack_content
 from fedrad.common.records import ARRAYS, config_record, to_array_record
 from tests.helpers import tiny_site as tiny_site_in
 
@@ -146,18 +146,19 @@ def test_arrays_arrive_packed_reach_the_handler_as_records_and_leave_packed(tmp_
     reply = site_app.on_the_wire(msg, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
                                               run_config={}), handler)
     assert list(seen) == list(sent) and all(seen[k].tobytes() == sent[k].tobytes() for k in sent)
-    assert sorted(reply.content[ARRAYS]) == [LAYOUT, PACKED]  # the reply's arrays leave as one buffer
+    assert list(reply.content) == [WIRE]  # the reply leaves as one buffer
     assert list(unpack_content(reply.content)[ARRAYS]) == list(sent)
 
 
 def test_a_packed_message_that_lies_about_its_bytes_is_refused_with_a_code(tiny_site, tmp_path):
     cfg = RunConfig(local_epochs=1, batch_size=8, fov_mm=32.0, out_dir=str(tmp_path))
     msg = message(cfg, "train")
-    msg.content[ARRAYS] = ArrayRecord({PACKED: Array(np.zeros(4, np.uint8)),
-                                       LAYOUT: Array(np.frombuffer(b'[["w","<f4",[9]]]', np.uint8))})
+    msg.content = RecordDict({WIRE: ArrayRecord({PACKED: Array(np.zeros(0, np.uint8)), LAYOUT: Array(
+        np.frombuffer(b'[["a","arrays",[["w","<f4",[1]]]],["config","config",{}]]', np.uint8))})})
     context = Context(run_id=1, node_id=1, node_config={"data-dir": str(tiny_site), "work-dir": str(tmp_path / "w")},
                       state=RecordDict(), run_config={})
     called = []
     out = site_app.on_the_wire(msg, context, lambda m, c: called.append(m))
     assert not called and out.has_error() and out.error.reason.startswith("internal incident=")
-    assert "the layout describes 36 bytes, the buffer holds 4" in (tmp_path / "w" / "incidents.log").read_text()
+    assert "record 'a': the layout describes more than the buffer's 0 bytes" in \
+        (tmp_path / "w" / "incidents.log").read_text()

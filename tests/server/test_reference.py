@@ -42,6 +42,7 @@ class FakeGrid:
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for node, msg in zip(self.get_node_ids(), messages):
+            msg.content = unpack_content(msg.content)  # as a site's ClientApp reads it
             self.sent.append(msg)
             name = "abc"[node - 1]
             spacing, n, hu, z = SITES[name]
@@ -52,8 +53,7 @@ class FakeGrid:
                 records = {} if config["spacing-mm"] == 0 else {"intensity": from_numpy(
                     {"histogram": intensity_histogram(hu)})}
             else:
-                sent = unpack_content(msg.content)  # the arrays travel packed, as a site receives them
-                assert sent["reference"]["projection"].numpy().shape == (4, 1280)
+                assert msg.content["reference"]["projection"].numpy().shape == (4, 1280)
                 m = moments(z)
                 records = {"moments": from_numpy({"raw/feature-mean": m.mean, "raw/feature-cov": m.cov,
                                                   "harmonized/feature-mean": m.mean / 2,

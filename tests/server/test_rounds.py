@@ -1,12 +1,13 @@
 """The round loop: true round numbers after a resume, lost sites recorded by name, a hook per round."""
 
+import json
 import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fedrad.common.packing import LAYOUT, PACKED, pack_content, unpack_content
+from fedrad.common.packing import LAYOUT, WIRE, pack_content, unpack_content
 from fedrad.common.piggyback import combine, evaluate_round
 from fedrad.common.records import from_numpy, to_numpy
 from fedrad.server.aggregate import spec_of
@@ -43,6 +44,7 @@ class FakeGrid:
     def send_and_receive(self, messages, *, timeout):
         replies = []
         for i, msg in enumerate(messages):
+            msg.content = unpack_content(msg.content)  # as a site's ClientApp reads it (fedrad.client.app.on_the_wire)
             msg.metadata.__dict__["_message_id"] = f"m{msg.metadata.dst_node_id}-{i}"
             node = msg.metadata.dst_node_id
             self.rounds_seen.append((msg.metadata.message_type, int(msg.content["config"]["server-round"])))
@@ -163,7 +165,7 @@ def test_a_site_lost_in_the_exchange_before_round_one_is_waited_for_by_name(capl
 
 
 class PackingGrid(FakeGrid):
-    """Sites as their ClientApp is: a message's arrays arrive packed and the reply's leave packed.
+    """Sites as their ClientApp is: a message's records arrive packed and the reply's leave packed.
 
     Site b's packed reply lies about its bytes (a malformed update); with `plain`, site a answers unpacked.
     """
@@ -174,7 +176,7 @@ class PackingGrid(FakeGrid):
 
     def send_and_receive(self, messages, *, timeout):
         for msg in messages:
-            self.arrived.append(sorted(msg.content["arrays"]))
+            self.arrived.append(list(msg.content))
             msg.content = unpack_content(msg.content)
         replies = super().send_and_receive(messages, timeout=timeout)
         for reply in replies:
@@ -182,23 +184,26 @@ class PackingGrid(FakeGrid):
             if reply.has_error() or (node == 1 and self.plain):
                 continue
             reply.content = pack_content(reply.content)
-            if node == 2 and "arrays" in reply.content:
-                good = reply.content["arrays"]
-                reply.content["arrays"] = ArrayRecord({PACKED: good[PACKED], LAYOUT: Array(np.frombuffer(
-                    b'[["w","<f4",[3]],["b","<f4",[9]]]', dtype=np.uint8))})
+            if node == 2:
+                wire = reply.content[WIRE]
+                layout = json.loads(wire[LAYOUT].numpy().tobytes())
+                for name, kind, body in layout:
+                    if kind == "arrays":
+                        body[0][2] = [body[0][2][0] + 1]  # one float more than the buffer holds
+                wire[LAYOUT] = Array(np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8))
         return replies
 
 
 @pytest.mark.parametrize("plain", [False, True])
-def test_arrays_travel_packed_and_a_packed_reply_that_lies_is_rejected_naming_the_site(plain):
+def test_messages_travel_packed_and_a_packed_reply_that_lies_is_rejected_naming_the_site(plain):
     shared = {"w": np.zeros(3, np.float32), "b": np.zeros(2, np.float32)}
     grid, ends = PackingGrid(plain=plain), []
     strategy = FedRad(expected=spec_of(shared), min_sites=1)
     run_rounds(grid, strategy, from_numpy(shared), first=1, last=2, timeout=5.0, train_config=ConfigRecord({}),
                evaluate_config=ConfigRecord({}), on_round_end=lambda r, arrays: ends.append(to_numpy(arrays)))
-    assert grid.arrived and all(keys == [LAYOUT, PACKED] for keys in grid.arrived)  # never the arrays one by one
+    assert grid.arrived and all(names == [WIRE] for names in grid.arrived)  # never the records one by one
     assert [(r, site) for r, site, _ in strategy.rejected] == [(1, "b"), (2, "b")]
-    assert "malformed reply: record 'arrays': the layout describes 48 bytes, the buffer holds 20" in \
+    assert "malformed reply: record 'arrays': the layout describes more than the buffer's 20 bytes" in \
         strategy.rejected[0][2]
     np.testing.assert_array_equal(ends[-1]["w"], np.full(3, 2.0))  # a's update alone (+1 a round), unpacked exactly
     np.testing.assert_array_equal(ends[-1]["b"], np.full(2, 2.0))
