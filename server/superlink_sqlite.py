@@ -1,4 +1,4 @@
-"""The SuperLink's SQLite busy timeout: `flower-superlink` that waits longer for its database's write lock.
+"""The SuperLink's SQLite: `flower-superlink` that waits longer for its database's write lock, and takes it less often.
 
 A Flower 1.42 SuperLink keeps its state (nodes, runs, messages, their arrays) in one SQLite
 file (`--database`, `fedrad coordinator --state`), opened with the pragmas of
@@ -17,8 +17,17 @@ that waits for the lock is still answered, not abandoned by the site. WAL stays 
 Each pragma is set by Flower's connect hook (`flwr.supercore.sql_mixin._set_sqlite_pragmas`),
 which reads the module's `SQLITE_PRAGMAS` at every new connection; that name is replaced.
 
-The patch is applied only to the Flower version it was written against, and only if the
-pragmas it replaces are as known; otherwise the launcher refuses to start and says so
+It also runs the state's housekeeping less often. Flower 1.42 clears expired task claims
+(`SqlCoreState._cleanup_expired_task_tokens`: two UPDATEs, a write transaction) at the start
+of every run-status check, and every object a site or the coordinator pushes or pulls
+checks the run's status first: one write transaction per object, all taking the one write
+lock in turn. Profiled on a loopback deployment, that cleanup was about half of the
+SuperLink's time in its object handlers (BENCHMARKS.md). Here it runs at most once every
+`CLEANUP_EVERY_S` seconds (for the whole process): a task whose heartbeats stopped is
+marked failed up to a second later; Flower's heartbeat timeouts are tens of seconds.
+
+The patches are applied only to the Flower version they were written against, and only if
+what they replace is as known; otherwise the launcher refuses to start and says so
 (`fedrad coordinator --sqlite-busy-timeout 0` then runs Flower's own SuperLink unchanged).
 
     python -m fedrad.server.superlink_sqlite --busy-timeout 20 -- <flower-superlink arguments>
@@ -28,12 +37,15 @@ from __future__ import annotations
 
 import inspect
 import sys
+import time
 import types
+from collections.abc import Callable
 
 CHECKED_FLWR = "1.42.0"
 FLOWER_BUSY_TIMEOUT_MS = "5000"
 DEFAULT_BUSY_TIMEOUT_S = 20.0
 MAX_BUSY_TIMEOUT_S = 600.0
+CLEANUP_EVERY_S = 1.0  # the expired-task-claim housekeeping runs at most this often (Flower: at every status check)
 
 
 class UnknownFlower(RuntimeError):
@@ -67,6 +79,29 @@ def set_busy_timeout(module: types.ModuleType, seconds: float) -> tuple[tuple[st
     return patched
 
 
+def throttle_cleanup(cls: type, every_s: float = CLEANUP_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+    """Make `cls._cleanup_expired_task_tokens` run at most once every `every_s` seconds (one clock per process).
+
+    `cls` is flwr 1.42's `SqlCoreState`; raises `UnknownFlower` (nothing changed) if the
+    method is not there. Two threads passing at once may both clean: harmless.
+    """
+    original = getattr(cls, "_cleanup_expired_task_tokens", None)
+    if original is None or getattr(original, "fedrad_throttled", False):
+        if original is None:
+            raise UnknownFlower("this Flower's SqlCoreState has no _cleanup_expired_task_tokens to throttle")
+        return
+    last = [float("-inf")]
+
+    def cleanup(self) -> None:  # noqa: ANN001 - Flower's state
+        now = clock()
+        if now - last[0] >= every_s:
+            last[0] = now
+            original(self)
+
+    cleanup.fedrad_throttled = True  # type: ignore[attr-defined]
+    cls._cleanup_expired_task_tokens = cleanup  # type: ignore[attr-defined]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv or argv[:1] != ["--busy-timeout"] or argv.index("--") != 2:
@@ -78,14 +113,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--busy-timeout {argv[1]!r}: give a number of seconds")
     rest = argv[3:]
     from flwr.supercore import sql_mixin
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
     from flwr.superlink.cli import flower_superlink
 
     try:
         set_busy_timeout(sql_mixin, seconds)
+        throttle_cleanup(SqlCoreState)
     except (UnknownFlower, ValueError) as err:
         sys.exit(str(err))
-    print(f"fedrad: SuperLink SQLite busy_timeout {seconds:g} s (Flower's own: 5 s), WAL journal", file=sys.stderr,
-          flush=True)
+    print(f"fedrad: SuperLink SQLite busy_timeout {seconds:g} s (Flower's own: 5 s), WAL journal, expired task claims "
+          f"cleared at most every {CLEANUP_EVERY_S:g} s", file=sys.stderr, flush=True)
     sys.argv = ["flower-superlink", *rest]
     flower_superlink()
 

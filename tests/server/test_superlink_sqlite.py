@@ -90,3 +90,37 @@ def test_the_coordinator_runs_the_superlink_through_the_launcher(tmp_path):
     assert "--enable-supernode-auth" in argv[6:] and "--database" in argv[6:]
     plain = superlink_command(CertsLayout(certs), tmp_path / "state", busy_timeout_s=0)
     assert plain[0].endswith("flower-superlink") and plain[1:] == argv[6:]
+
+
+def test_the_expired_claim_cleanup_runs_at_most_once_per_interval_on_the_real_state(tmp_path):
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    calls = []
+
+    class Counted(SqlCoreState):  # Flower's class stays as it is; this one counts what the throttle lets through
+        def _cleanup_expired_task_tokens(self):
+            calls.append(1)
+            return super()._cleanup_expired_task_tokens()
+
+    class Throttled(Counted):
+        pass
+
+    now = [100.0]
+    superlink_sqlite.throttle_cleanup(Throttled, every_s=1.0, clock=lambda: now[0])
+    superlink_sqlite.throttle_cleanup(Throttled, every_s=1.0)  # applied twice: still one throttle
+    state = superlink_state(tmp_path / "link.db")
+    state.__class__ = type("State", (type(state), Throttled), {})  # the real state, with the throttled method
+    for _ in range(5):
+        assert state.get_run_status({123}) == {}  # the status checks themselves all still run
+    assert len(calls) == 1
+    now[0] += 0.9
+    state.get_run_status({123})
+    assert len(calls) == 1
+    now[0] += 0.2  # a second after the last cleanup
+    state.get_run_status({123})
+    assert len(calls) == 2
+
+
+def test_the_cleanup_throttle_refuses_a_state_without_the_method():
+    with pytest.raises(UnknownFlower):
+        superlink_sqlite.throttle_cleanup(type("NoCleanup", (), {}))
