@@ -2,8 +2,9 @@
 
 Node config `test-poison` picks the attack: `nan` (a NaN weight), `shape` (a transposed
 weight) or `scale` (the update's step from the global model times 1000). The corruption
-happens after the real handler and its egress check, as a compromised site would do it;
-only the coordinator's validation stands between it and the global model.
+happens after the real handler and its egress check, as a compromised site would do it
+(and before the reply is packed for the wire, as the real site packs it); only the
+coordinator's validation stands between it and the global model.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from flwr.clientapp import ClientApp
 import fedrad.client.app as site
 from fedrad.common.records import ARRAYS, from_numpy, to_numpy
 
-app = ClientApp()
+app = ClientApp(mods=[site.on_the_wire])  # arrives and leaves packed, as the real site's (fedrad.common.packing)
 
 
 def poison(kind: str, update: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
