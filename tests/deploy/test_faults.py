@@ -64,7 +64,7 @@ def test_coordinator_killed_after_round_one_resumes_at_round_two(deployment, tmp
     assert report["wall_seconds"] >= after_one.wall_seconds
 
 
-def rejoin(deployment, site: str) -> None:
+def rejoin(deployment, site: str, extra: tuple[str, ...] = ()) -> None:
     """Restart a crashed site the way systemd's Restart=always does, until the coordinator takes it back.
 
     After a crash the coordinator holds the site's old session for up to two missed
@@ -72,7 +72,7 @@ def rejoin(deployment, site: str) -> None:
     not. Each refused attempt exits, and the next one follows after a short pause.
     """
     for attempt in range(60):
-        proc = deployment.start_site(site, name=f"{site}-again-{attempt}")
+        proc = deployment.start_site(site, name=f"{site}-again-{attempt}", extra=extra)
         wait_for(f"{site} to connect or be refused", lambda: not proc.alive() or "SuperNode ID" in proc.log(),
                  watch=[deployment.coordinator], poll=0.5, limit=120)
         if proc.alive():
@@ -82,8 +82,9 @@ def rejoin(deployment, site: str) -> None:
     raise AssertionError(f"{site} was not taken back after 60 attempts")
 
 
-def test_a_site_killed_mid_round_leaves_the_round_to_the_others_and_is_waited_for(deployment, tmp_path):
-    start_sites(deployment)
+@pytest.mark.parametrize("mode", [(), ("--warm", "--poll-interval", "0.25")], ids=["flower", "warm"])
+def test_a_site_killed_mid_round_leaves_the_round_to_the_others_and_is_waited_for(deployment, tmp_path, mode):
+    start_sites(deployment, extra=mode)
     out = tmp_path / "out"
     # the timeout only bounds the wait for the lost site; the healthy ones answer well within it
     deployment.submit(out, FAST_RUN + " round-timeout=75.0 rejoin-wait=120.0")
@@ -95,7 +96,7 @@ def test_a_site_killed_mid_round_leaves_the_round_to_the_others_and_is_waited_fo
     lost.kill()  # mid-round: it holds the round-1 train message and will never answer it
     # c stays away until round 1 has closed without it; round 2 then waits (rejoin-wait) for it to come back
     wait_for("round 1 to close without c", lambda: checkpoint_round(out) >= 1, watch=healthy, poll=0.5)
-    rejoin(deployment, "c")  # the same site comes back (same key, same work folder)
+    rejoin(deployment, "c", extra=mode)  # the same site comes back (same key, same work folder)
     wait_for("the report", lambda: (out / "report.json").is_file(), watch=healthy)
 
     ckpt = load_checkpoint(checkpoint_path(out))
