@@ -71,7 +71,7 @@ def cmd_site(args: argparse.Namespace) -> int:
 
     argv = supernode_command(SiteBundle(args.bundle), args.data, args.work, superlink=args.superlink, site=args.site,
                              port=args.port, max_retries=args.max_retries, policy=args.policy)
-    if args.warm:  # the SuperNode plus the site's warm ClientApp process, supervised
+    if not args.cold:  # the SuperNode plus the site's warm ClientApp process, supervised
         argv = site_command(argv, max_memory_mb=args.max_memory_mb, poll_interval=args.poll_interval)
     if args.dry_run:
         print(show(argv))
@@ -188,9 +188,12 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("site", formatter_class=FMT, help="run a hospital's site daemon (Flower SuperNode)",
                        description="Start flower-supernode from the site's bundle: TLS trusting the federation CA, "
                                    "node authentication with the site key, the site's data folder and work folder "
-                                   "for the ClientApp. Runs in the foreground and reconnects until stopped.",
-                       epilog="example:\n  fedrad site --bundle /etc/fedrad/bundle --data /srv/fedrad/data "
-                              "--work /var/lib/fedrad-site")
+                                   "for the ClientApp, and beside it the site's long-lived ClientApp process "
+                                   "(--cold: Flower's process per message). Runs in the foreground and reconnects "
+                                   "until stopped.",
+                       epilog="examples:\n  fedrad site --bundle /etc/fedrad/bundle --data /srv/fedrad/data "
+                              "--work /var/lib/fedrad-site\n"
+                              "  fedrad site --bundle b --data d --work w --poll-interval 0.25   # LAN / loopback")
     p.add_argument("--bundle", type=Path, required=True, help="this site's bundle folder (from `fedrad provision`)")
     p.add_argument("--data", type=Path, required=True, help="the site folder: DICOM files + labels.csv")
     p.add_argument("--work", type=Path, required=True, help="the site's own state folder (BN per round, summaries)")
@@ -209,10 +212,13 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--poll-interval", type=float, default=None,
                    help="seconds the SuperNode waits between asking for messages (default: Flower's 3; 0.25 suits a "
                         "LAN or loopback; see deploy/README.md for the idle traffic)")
-    p.add_argument("--warm", action="store_true",
-                   help="keep one long-lived ClientApp process per site (supervised; --max-memory-mb, --poll-interval "
-                        "apply) instead of Flower's own fresh process per message (the default: the mode the fault "
-                        "tests pass in; warm mode does not yet survive a coordinator restart, see deploy/README.md)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--warm", action="store_true",
+                      help="one long-lived ClientApp process per site, supervised (the default; --max-memory-mb "
+                           "bounds it): imports, images and caches stay in memory between messages")
+    mode.add_argument("--cold", action="store_true",
+                      help="Flower's own mode instead: a fresh ClientApp process per message (slower: ~2 s of imports "
+                           "and reloads per message; see deploy/README.md)")
     p.add_argument("--dry-run", action="store_true", help="print the site daemon's command instead of running it")
     p.set_defaults(func=cmd_site)
 

@@ -31,7 +31,7 @@ def start_sites(deployment, sites=SITES, extra: tuple[str, ...] = ()) -> None:
     deployment.wait_online(len(sites))
 
 
-@pytest.mark.parametrize("mode", [(), ("--warm", "--poll-interval", "0.25")], ids=["flower", "warm"])
+@pytest.mark.parametrize("mode", [("--cold",), ("--warm", "--poll-interval", "0.25")], ids=["flower", "warm"])
 def test_coordinator_killed_after_round_one_resumes_at_round_two(deployment, tmp_path, mode):
     sites = SITES[:2]  # two sites are enough here, and keep this test's CPU load down
     start_sites(deployment, sites, extra=mode)
@@ -82,7 +82,7 @@ def rejoin(deployment, site: str, extra: tuple[str, ...] = ()) -> None:
     raise AssertionError(f"{site} was not taken back after 60 attempts")
 
 
-@pytest.mark.parametrize("mode", [(), ("--warm", "--poll-interval", "0.25")], ids=["flower", "warm"])
+@pytest.mark.parametrize("mode", [("--cold",), ("--warm", "--poll-interval", "0.25")], ids=["flower", "warm"])
 def test_a_site_killed_mid_round_leaves_the_round_to_the_others_and_is_waited_for(deployment, tmp_path, mode):
     start_sites(deployment, extra=mode)
     out = tmp_path / "out"
