@@ -348,7 +348,7 @@ def main(args: Any) -> int:
     from rich.table import Table
 
     console = Console()
-    site_args = [] if args.cold else ["--warm", "--poll-interval", str(args.poll_interval)]
+    site_args = ["--cold"] if args.cold else ["--warm", "--poll-interval", str(args.poll_interval)]
     results = deploy_bench(args.out, data=args.data, rounds=args.rounds, n_sites=args.sites, patients=args.patients,
                            run_config=" ".join(args.run_config), simulate=not args.no_simulate, site_args=site_args,
                            progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
