@@ -98,11 +98,11 @@ log = logging.getLogger("fedrad.site")
 
 
 def on_the_wire(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower mod: arrays arrive packed and leave packed (`fedrad.common.packing`); handlers see plain records.
+    """Flower mod: messages arrive packed and leave packed (`fedrad.common.packing`); handlers see plain records.
 
     The reply is packed after the handler returned it, so the whitelist and the egress log
-    saw (and logged) the records themselves. A message whose packed arrays do not describe
-    their bytes is refused like any other failure: a code goes out, the text stays here.
+    saw (and logged) the records themselves. A message whose packed layout does not describe
+    its bytes is refused like any other failure: a code goes out, the text stays here.
     """
     try:
         msg.content = unpack_content(msg.content)

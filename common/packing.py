@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -76,6 +77,25 @@ def pack_content(content: RecordDict) -> RecordDict:
     data = np.frombuffer(b"".join(chunks), dtype=np.uint8)
     text = np.frombuffer(json.dumps(layout, separators=(",", ":")).encode(), dtype=np.uint8)
     return RecordDict({WIRE: ArrayRecord({PACKED: Array(data), LAYOUT: Array(text)})})
+
+
+def pack_contents(contents: Sequence[RecordDict]) -> list[RecordDict]:
+    """`pack_content` of each, but once per distinct content: equal ones share one packed content.
+
+    Why: a round's messages carry the one global model (the same ArrayRecord object) to every
+    site; packed one by one, 100 sites hold 100 copies of its bytes at once (measured: +0.7 GB
+    in the coordinator at 100 virtual sites). Contents are equal here when they hold the same
+    ArrayRecord objects and equal config and metric values under the same names.
+    """
+    packed: dict[tuple, RecordDict] = {}
+    out = []
+    for content in contents:
+        key = tuple((name, id(record)) if isinstance(record, ArrayRecord) else
+                    (name, type(record).__name__, repr(list(record.items()))) for name, record in content.items())
+        if key not in packed:
+            packed[key] = pack_content(content)
+        out.append(packed[key])
+    return out
 
 
 def unpack_content(content: RecordDict) -> RecordDict:

@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from flwr.serverapp import Grid
 
 from fedrad.common.codes import CODES, reason
-from fedrad.common.packing import PackingError, pack_content, unpack_content
+from fedrad.common.packing import PackingError, pack_contents, unpack_content
 from fedrad.common.piggyback import RideError, ask, rides, split
 from fedrad.server.strategy import FedRad
 
@@ -127,8 +127,8 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float, *, pol
 
     clock = clock or PhaseClock()
     contents = [msg.content for msg in messages]
-    for msg in messages:  # one buffer per ArrayRecord on the wire (fedrad.common.packing); replies: `unpacked`
-        msg.content = pack_content(msg.content)
+    for msg, packed in zip(messages, pack_contents(contents)):  # one buffer per message (fedrad.common.packing)
+        msg.content = packed
     try:
         if poll is None and not isinstance(grid, HttpGrid):
             replies = list(grid.send_and_receive(messages, timeout=timeout))
@@ -155,7 +155,7 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float, *, pol
 
 
 def unpacked(reply: Message) -> Message:
-    """A reply with its packed ArrayRecords unpacked (in place); `PackingError` if one does not describe its bytes."""
+    """A reply with its packed content unpacked (in place); `PackingError` if the layout does not describe its bytes."""
     if not reply.has_error():
         reply.content = unpack_content(reply.content)
     return reply

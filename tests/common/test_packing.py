@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fedrad.common.packing import LAYOUT, PACKED, WIRE, PackingError, pack_content, unpack_content
+from fedrad.common.packing import LAYOUT, PACKED, WIRE, PackingError, pack_content, pack_contents, unpack_content
 
 RNG = np.random.default_rng(0)
 
@@ -111,3 +111,16 @@ def test_packed_content_with_anything_else_in_it_is_refused():
                                           LAYOUT: Array(np.frombuffer(b"\xff\xfe", dtype=np.uint8))})})
     with pytest.raises(PackingError, match="not JSON"):
         unpack_content(text)
+
+
+def test_equal_contents_are_packed_once_and_share_the_packed_content():
+    arrays = _content()["arrays"]
+    a = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 2})})
+    b = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 2})})  # equal values, another object
+    c = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 3})})
+    d = RecordDict({"arrays": ArrayRecord(dict(arrays.items())), "config": ConfigRecord({"server-round": 2})})
+    pa, pb, pc, pd = pack_contents([a, b, c, d])
+    assert pa is pb  # the same model to two sites: its bytes packed once
+    assert pc is not pa and pd is not pa  # other values, or another ArrayRecord: packed on their own
+    for content, packed in zip([a, b, c, d], [pa, pb, pc, pd]):
+        assert unpack_content(packed)["config"]["server-round"] == content["config"]["server-round"]
