@@ -70,6 +70,7 @@ class RunConfig:
     shift_dim: int = 16  # shift score: feature moments in this many projected dimensions (0 = no shift score)
     slice_mode: str = "largest"  # series rows: largest (axial slice of largest lesion area) | 2.5d | orthogonal
     slab_mm: float = 5.0  # slice-mode 2.5d: the neighbour planes' distance from the lesion centre (mm)
+    slices_per_lesion: int = 1  # slice-mode largest: k axial slices of largest lesion area (train: one, eval: mean)
     task: str = "classification"  # classification (label, 2-class head) | survival (time + event, 1-output Cox head)
 
     def __post_init__(self) -> None:
@@ -106,6 +107,9 @@ class RunConfig:
             (0 <= self.shift_dim <= 256, "shift-dim must be between 0 (off) and 256"),
             (self.slice_mode in SLICE_MODES, f"slice-mode must be one of {SLICE_MODES}"),
             (self.slab_mm > 0, "slab-mm must be > 0"),
+            (1 <= self.slices_per_lesion <= 16, "slices-per-lesion must be between 1 and 16"),
+            (self.slices_per_lesion == 1 or self.slice_mode == "largest",
+             "slices-per-lesion > 1 needs slice-mode = largest (the other modes already use several planes)"),
             (self.task in TASKS, f"task must be one of {TASKS}"),
         ]
         for ok, message in checks:
