@@ -131,7 +131,9 @@ def load_site(
             spacing = None if image is None else image.spacing_mm
             if problem is None:
                 center = None if row.roi_xy is None else (row.roi_xy[1], row.roi_xy[0])
-                x, key = preprocessor(image, center), image_key(site_dir.joinpath(*row.rel.parts), row.roi_xy)
+                x = (preprocessor(image, center) if getattr(preprocessor, "slices_per_lesion", 1) == 1
+                     else preprocessor.from_bag([image], [center]))  # a 2-D row: its one image k times
+                key = image_key(site_dir.joinpath(*row.rel.parts), row.roi_xy)
         if spacing is not None:
             spacings.append(spacing)
         if problem is not None:
@@ -213,6 +215,7 @@ def _series_row(site_dir: Path, row: Row, preprocessor: Preprocessor | Stack
         return "series row without a mask", None, None, ""
     mask_path = site_dir.joinpath(*row.mask.parts)
     mode, slab = getattr(preprocessor, "slice_mode", "largest"), getattr(preprocessor, "slab_mm", 5.0)
+    bag = getattr(preprocessor, "slices_per_lesion", 1)
     try:
         volume = read_series(series_path)
         mask = read_mask(mask_path, volume, row.roi_name or None)
@@ -220,9 +223,11 @@ def _series_row(site_dir: Path, row: Row, preprocessor: Preprocessor | Stack
         where = ("" if exc.path == series_path else f"mask {row.mask}: " if exc.path == mask_path
                  else f"series {row.image}, {exc.path.name}: ")
         return where + exc.reason, None, None, ""
-    planes = lesion_planes(volume, mask, mode=mode, slab_mm=slab)
+    planes = lesion_planes(volume, mask, mode=mode, slab_mm=slab, slices=bag)
     if len(planes.images) == 1:
         x = preprocessor(planes.images[0], planes.centres_rc[0])
+    elif planes.bag:  # slices-per-lesion k: k inputs of 3 channels, largest slice first
+        x = preprocessor.from_bag(planes.images, planes.centres_rc)
     else:
         x = preprocessor.from_planes(planes.images, planes.centres_rc, planes.main)
     files = sorted(series_path.iterdir()) if series_path.is_dir() else [series_path]
@@ -230,7 +235,7 @@ def _series_row(site_dir: Path, row: Row, preprocessor: Preprocessor | Stack
     for file in [*files, mask_path]:
         if file.is_file():
             digest.update(file.name.encode() + file.read_bytes())
-    digest.update(repr((row.roi_name, mode, slab)).encode())
+    digest.update(repr((row.roi_name, mode, slab) if bag == 1 else (row.roi_name, mode, slab, bag)).encode())
     return None, x, (float(volume.spacing_mm[1]), float(volume.spacing_mm[2])), digest.hexdigest()[:32]
 
 

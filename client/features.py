@@ -19,7 +19,7 @@ import torch
 
 from fedrad.client.cache import FeatureCache, cache_folder, cache_key, dihedral
 from fedrad.client.dataset import SiteData
-from fedrad.client.train import Inputs, cached_inputs, pixel_inputs
+from fedrad.client.train import Inputs, bag_size, cached_inputs, pixel_inputs
 from fedrad.common.bn import bn_modules, recalibrate_bn
 from fedrad.common.config import RunConfig
 from fedrad.common.efficientnet_lite import EfficientNetLite0, weights_path
@@ -52,14 +52,22 @@ GPU_PREFIX_BATCH = 256
 @torch.no_grad()
 def compute_prefix(model: EfficientNetLite0, x: np.ndarray, start: int, views: int, device: torch.device,
                    batch_size: int | None = None) -> np.ndarray:
-    """Frozen-prefix outputs of images `x` under dihedral views 0..views-1: (N, views, C, h, w)."""
+    """Frozen-prefix outputs of images `x` under dihedral views 0..views-1: (N, views, C, h, w).
+
+    A slice bag (x of 3k channels, `fedrad.client.train.bag_size`) gives (N, k x views, C, h, w),
+    slice-major: entry j x views + v is slice j under view v (the same mechanism as the views:
+    several cached inputs per patient, one row per patient).
+    """
     batch_size = batch_size or (GPU_PREFIX_BATCH if device.type == "cuda" else CPU_PREFIX_BATCH)
     model.eval()
+    k = bag_size(x)
     out = []
     for i in range(0, len(x), batch_size):
         xb = torch.from_numpy(x[i:i + batch_size]).to(device).contiguous(memory_format=torch.channels_last)
-        out.append(torch.stack([model.forward_units(dihedral(xb, v), 0, start).float().cpu()
-                                for v in range(views)], dim=1))
+        slices = [xb] if k == 1 else [xb[:, 3 * j:3 * j + 3].contiguous(memory_format=torch.channels_last)
+                                      for j in range(k)]
+        out.append(torch.stack([model.forward_units(dihedral(xs, v), 0, start).float().cpu()
+                                for xs in slices for v in range(views)], dim=1))
     return torch.cat(out).numpy()
 
 
@@ -85,13 +93,14 @@ def load_prefix_bn(model: EfficientNetLite0, stats: dict[str, np.ndarray]) -> No
     model.load_state_dict(state, strict=False)
 
 
-def _prefix_key(cfg: RunConfig, views: int, adapt_on: tuple[str, ...], preprocessing: str = "") -> str:
+def _prefix_key(cfg: RunConfig, views: int, adapt_on: tuple[str, ...], preprocessing: str = "", slices: int = 1) -> str:
     weights = weights_path()
     return cache_key(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, windows=CT_WINDOWS, weights=weights.name,
                      weights_bytes=weights.stat().st_size, freeze_blocks=cfg.freeze_blocks, views=views,
                      prefix_bn=cfg.prefix_bn,
                      adapt_on=hashlib.sha256("".join(adapt_on).encode()).hexdigest() if adapt_on else "",
-                     **({"preprocessing": preprocessing} if preprocessing else {}))
+                     **({"preprocessing": preprocessing} if preprocessing else {}),
+                     **({"slices": slices} if slices > 1 else {}))  # a slice bag: k x views features per image
 
 
 def site_inputs(model: EfficientNetLite0, cfg: RunConfig, data: SiteData, work_dir: Path,
@@ -108,9 +117,11 @@ def site_inputs(model: EfficientNetLite0, cfg: RunConfig, data: SiteData, work_d
         return SiteInputs(pixel_inputs(model, data.x_train, views, device), pixel_inputs(model, data.x_test, 1, device),
                           unlabelled=pixel_inputs(model, data.x_unlabelled, 1, device) if cfg.label_shift else None)
     folder = cache_folder(work_dir)
-    train_cache = FeatureCache(folder, _prefix_key(cfg, views, adapt_on, data.preprocessing),
+    slices = bag_size(data.x_train) if len(data.x_train) else bag_size(data.x_test)
+    train_cache = FeatureCache(folder, _prefix_key(cfg, views, adapt_on, data.preprocessing, slices),
                                memory_mb=cfg.cache_memory_mb)
-    test_cache = FeatureCache(folder, _prefix_key(cfg, 1, adapt_on, data.preprocessing), memory_mb=cfg.cache_memory_mb)
+    test_cache = FeatureCache(folder, _prefix_key(cfg, 1, adapt_on, data.preprocessing, slices),
+                              memory_mb=cfg.cache_memory_mb)
     if cfg.prefix_bn == "site":
         stats = train_cache.extra()
         if stats:
@@ -123,9 +134,9 @@ def site_inputs(model: EfficientNetLite0, cfg: RunConfig, data: SiteData, work_d
     if cfg.label_shift:  # same cache as the test images: view 0 only
         unlabelled = cached_inputs(model, _shaped(test_cache.get(
             data.keys_unlabelled, lambda idx: compute_prefix(model, data.x_unlabelled[idx], start, 1, device)),
-            data.x_unlabelled), start, device)
-    return SiteInputs(cached_inputs(model, _shaped(train, data.x_train), start, device),
-                      cached_inputs(model, _shaped(test, data.x_test), start, device),
+            data.x_unlabelled), start, device, bag_size(data.x_unlabelled))
+    return SiteInputs(cached_inputs(model, _shaped(train, data.x_train), start, device, bag_size(data.x_train)),
+                      cached_inputs(model, _shaped(test, data.x_test), start, device, bag_size(data.x_test)),
                       cache_hits=train_cache.hits + test_cache.hits,
                       cache_misses=train_cache.misses + test_cache.misses, unlabelled=unlabelled)
 

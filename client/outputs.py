@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fedrad.client.features import SiteInputs
-from fedrad.client.train import Inputs, autocast
+from fedrad.client.train import Inputs, autocast, bag_mean
 from fedrad.common.efficientnet_lite import EfficientNetLite0
 from fedrad.common.model import NUM_CLASSES
 
@@ -23,7 +23,10 @@ SPLITS = ("train", "test", "unlabelled")
 @torch.no_grad()
 def model_outputs(model: EfficientNetLite0, inputs: Inputs | None, device: torch.device,
                   batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, K) and penultimate features (N, D), float64, of images (view 0), in eval mode."""
+    """Logits (N, K) and penultimate features (N, D), float64, of images (view 0), in eval mode.
+
+    A slice bag (`inputs.n_slices` > 1) gives each patient the mean over its k slices of both.
+    """
     features: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []
     n = 0 if inputs is None else inputs.n
@@ -33,9 +36,12 @@ def model_outputs(model: EfficientNetLite0, inputs: Inputs | None, device: torch
     model.eval()
     try:
         for i in range(0, n, batch_size):
-            with autocast(device):
-                out = inputs.forward(inputs.batch(torch.arange(i, min(i + batch_size, n)), 0))
-            logits.append(out.float().cpu())
+            with autocast(device):  # a slice bag: the mean of its k slices' outputs (`bag_mean`), features too
+                out = bag_mean(inputs, torch.arange(i, min(i + batch_size, n)),
+                               lambda x: inputs.forward(x).float().cpu())
+            if inputs.n_slices > 1:
+                features[-inputs.n_slices:] = [torch.stack(features[-inputs.n_slices:]).mean(dim=0)]
+            logits.append(out)
     finally:
         hook.remove()
     return torch.cat(logits).double().numpy(), torch.cat(features).double().numpy()

@@ -93,7 +93,7 @@ MAX_MEMO = 32  # a histogram is 16 kB: an actor serving several sites keeps all 
 def raw_preprocessor(cfg: RunConfig) -> Preprocessor:
     """The CNN preprocessing of this run without any intensity map (harmonize off)."""
     return Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, slice_mode=cfg.slice_mode, slab_mm=cfg.slab_mm,
-                        target=target_of(cfg))
+                        target=target_of(cfg), slices_per_lesion=cfg.slices_per_lesion)
 
 
 def target_of(cfg: RunConfig) -> str:
@@ -212,7 +212,8 @@ def site_preprocessor(cfg: RunConfig, site_dir: Path, reference: np.ndarray | No
     for warning in caught:
         _warn(str(warning.message))
     return Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, intensity_map=match,
-                        slice_mode=cfg.slice_mode, slab_mm=cfg.slab_mm, target=target_of(cfg))
+                        slice_mode=cfg.slice_mode, slab_mm=cfg.slab_mm, target=target_of(cfg),
+                        slices_per_lesion=cfg.slices_per_lesion)
 
 
 def load_inputs(cfg: RunConfig, site_dir: Path, reference: np.ndarray | None, *, site: str | None = None,
@@ -226,7 +227,7 @@ def load_inputs(cfg: RunConfig, site_dir: Path, reference: np.ndarray | None, *,
     """
     preprocessor = site_preprocessor(cfg, site_dir, reference, site=site, cache_dir=cache_dir)
     make = None
-    if preprocessor.intensity_map is not None:
+    if preprocessor.intensity_map is not None and preprocessor.slices_per_lesion == 1:  # kept crops: one slice each
         def make(fingerprint: tuple) -> SiteData | None:
             return _from_kept_crops(cfg, Path(site_dir), preprocessor, fingerprint, cache_dir)
     return load_site_cached(site_dir, preprocessor, cache_dir=cache_dir, make=make)

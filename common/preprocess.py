@@ -271,9 +271,14 @@ class Preprocessor:
         slice_mode: str = "largest",
         slab_mm: float = 5.0,
         target: str = "label",
+        slices_per_lesion: int = 1,
     ) -> None:
         if slice_mode not in SLICE_MODES:
             raise ValueError(f"slice_mode must be one of {SLICE_MODES}, got {slice_mode!r}")
+        if int(slices_per_lesion) < 1 or (slices_per_lesion > 1 and slice_mode != "largest"):
+            raise ValueError(f"slices_per_lesion must be >= 1 (> 1 only with slice_mode 'largest'), "
+                             f"got {slices_per_lesion!r} with {slice_mode!r}")
+        self.slices_per_lesion = int(slices_per_lesion)
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         self.slice_mode = slice_mode
@@ -295,8 +300,9 @@ class Preprocessor:
         mapped = "" if self.intensity_map is None else f", {self.intensity_map!r}"
         planes = "" if self.slice_mode == "largest" else f", slice_mode={self.slice_mode!r}, slab_mm={self.slab_mm}"
         target = "" if self.target == "label" else f", target={self.target!r}"
+        bag = "" if self.slices_per_lesion == 1 else f", slices_per_lesion={self.slices_per_lesion}"
         return (f"Preprocessor({self.resample!r}{mapped}, {self.window!r}, {self.robust!r}, "
-                f"{self.normalize!r}{planes}{target})")
+                f"{self.normalize!r}{planes}{target}{bag})")
 
     def __call__(self, image: DicomImage, center_rc: tuple[float, float] | None = None) -> np.ndarray:
         """Return float32 (3, size, size) ready for the CNN.
@@ -309,6 +315,19 @@ class Preprocessor:
         if image.modality.strip().upper() == "CT":
             return self.from_hu(crop)
         return self.normalize(self.robust(crop, reference=_subsample(image.values)))
+
+    def from_bag(self, images: Sequence[DicomImage], centres_rc: Sequence[tuple[float, float] | None]) -> np.ndarray:
+        """A slice bag (`slices-per-lesion` k): (3k, size, size), input j from ``images[j % len(images)]``.
+
+        Each slice is cropped and windowed exactly as one image is (`__call__`); the k inputs are
+        stacked along channels (3 per slice, largest first) so every array and cache of CNN inputs
+        keeps one row per patient. A 2-D row (one image) repeats it k times; k = 1 is `__call__`.
+        """
+        n = len(images)
+        if n == 0:
+            raise ValueError("a slice bag needs at least one image")
+        out = [self(images[j % n], centres_rc[j % n]) for j in range(self.slices_per_lesion)]
+        return out[0] if len(out) == 1 else np.concatenate(out).astype(np.float32, copy=False)
 
     def from_hu(self, crop: np.ndarray) -> np.ndarray:
         """The CT part after resampling: (size, size) HU crop -> (3, size, size) CNN input.
@@ -376,6 +395,16 @@ class Stack:
     @property
     def slab_mm(self) -> float:
         return getattr(self.parts[-1], "slab_mm", 5.0)
+
+    @property
+    def slices_per_lesion(self) -> int:
+        return max(getattr(part, "slices_per_lesion", 1) for part in self.parts)
+
+    def from_bag(self, images: Sequence[DicomImage], centres_rc: Sequence[tuple[float, float] | None]) -> np.ndarray:
+        """A slice bag through every part: a part without bags (`HUCrop`) takes the largest slice only."""
+        parts = [part.from_bag(images, centres_rc) if hasattr(part, "from_bag") else part(images[0], centres_rc[0])
+                 for part in self.parts]
+        return np.concatenate(parts).astype(np.float32, copy=False)
 
     @property
     def target(self) -> str:
