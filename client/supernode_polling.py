@@ -24,16 +24,15 @@ waits it replaces are still there); otherwise it says so and Flower runs unchang
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import sys
 import time
 import types
 
+from fedrad.common.flower_tools import CHECKED_FLWR, quick_object_pulls
+
 log = logging.getLogger("fedrad.site")
-CHECKED_FLWR = "1.42.0"
-PULL_RETRY_S = 0.02  # first retry of a message object the SuperLink does not have yet (Flower's: 1 s, doubling)
 
 
 def cap_waits(module: types.ModuleType, interval: float) -> bool:
@@ -47,9 +46,7 @@ def cap_waits(module: types.ModuleType, interval: float) -> bool:
     capped = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
     capped.sleep = lambda seconds: time.sleep(min(seconds, interval))
     module.time = capped  # type: ignore[attr-defined]
-    if hasattr(module, "pull_objects"):  # the message's arrays: ask the SuperLink again soon, not after 1 s, 2 s, ...
-        module.pull_objects = functools.partial(module.pull_objects, initial_backoff=PULL_RETRY_S,
-                                                backoff_cap=max(interval, PULL_RETRY_S), max_tries_per_object=None)
+    quick_object_pulls(module, interval, max_tries_per_object=None)  # the message's arrays: ask again soon
     return True
 
 

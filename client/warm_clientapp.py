@@ -32,9 +32,10 @@ import sys
 import time
 from pathlib import Path
 
+from fedrad.common.flower_tools import OBJECT_RETRY_S
+
 log = logging.getLogger("fedrad.site")
 EXIT_RECYCLE = 0  # exited on purpose (memory bound): the supervisor starts a fresh one at once
-PULL_RETRY_S = 0.02  # first wait before asking the SuperNode again for a message's arrays (Flower's: 1 s)
 # The most a message's arrays may take to reach the SuperNode. A message of a run that stopped meanwhile (coordinator
 # restarted) keeps its task at the SuperNode but its arrays never come (flwr 1.42 leaves both behind): Flower's own
 # wait (2 h) would block this one process, and every later message, for that long; the task fails instead.
@@ -197,7 +198,7 @@ def pull_task_input(client, marks: list[float]):  # noqa: ANN001, ANN201 - Runti
     message = pull_and_inflate_object_from_tree(
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, max_tries_per_object=None, max_time=ARRAYS_WAIT_S, initial_backoff=PULL_RETRY_S,
+        return_type=Message, max_tries_per_object=None, max_time=ARRAYS_WAIT_S, initial_backoff=OBJECT_RETRY_S,
         backoff_cap=0.5)
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: the id is not in the object
     marks.append(time.perf_counter())

@@ -20,17 +20,16 @@ are enough to move the global model. Before the next round the coordinator waits
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import time
-import types
 from collections.abc import Callable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 from flwr.serverapp import Grid
 
 from fedrad.common.codes import CODES, reason
+from fedrad.common.flower_tools import quick_object_pulls
 from fedrad.common.packing import PackingError, pack_contents, unpack_content
 from fedrad.common.piggyback import RideError, ask, rides, split
 from fedrad.server.strategy import FedRad
@@ -61,7 +60,6 @@ def _record_lost(strategy: FedRad, server_round: int, node: int, reason: str) ->
     log.warning("round %d: %s: %s; the round goes on with the others", server_round, name, reason)
 
 
-CHECKED_FLWR = "1.42.0"
 GRID_POLL_S = 0.1  # seconds between the coordinator's asks for replies (Flower's deployment Grid: 3 s)
 
 
@@ -92,28 +90,6 @@ class PhaseClock:
         return ", ".join(f"{k} {v:.2f} s" for k, v in self.rounds.get(server_round, {}).items())
 
 
-OBJECT_RETRY_S = 0.02  # first wait before asking again for a reply's arrays not at the SuperLink yet (Flower: 1 s)
-
-
-def quick_object_retries(module: types.ModuleType, poll: float) -> bool:
-    """Make the deployment Grid ask again for a reply's missing objects after 20 ms (capped at `poll`), not 1 s.
-
-    A site pushes its reply's header before its arrays. The Grid sees the reply at once and
-    pulls its arrays; those not in yet make Flower's `pull_objects` wait 1 s, then 2 s
-    (not settable), while they arrive within milliseconds on a LAN. Only the waits change;
-    False (nothing changed) where the module is not the one this was written against.
-    """
-    from flwr import __version__ as flwr_version
-
-    pull = getattr(module, "pull_objects", None)
-    if flwr_version != CHECKED_FLWR or pull is None:
-        return False
-    if not isinstance(pull, functools.partial):
-        module.pull_objects = functools.partial(pull, initial_backoff=OBJECT_RETRY_S,  # type: ignore[attr-defined]
-                                                backoff_cap=max(poll, OBJECT_RETRY_S))
-    return True
-
-
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float, *, poll: float | None = None,
                      clock: PhaseClock | None = None) -> list[Message]:
     """Push packed messages, then pull every `poll` s, unpacking each reply as it arrives.
@@ -129,7 +105,7 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float, *, pol
     for every site at once (driver peak +0.6 GB over messages that were never packed,
     BENCHMARKS.md); unpacked as each arrives, the packed copy goes at once. A reply whose
     content does not unpack is left as it came: the caller's `unpacked` raises its
-    `PackingError` again and names the site. Anything that is not a Flower `Grid` (a test's
+    `PackingError` again and names the site. A grid that cannot push and pull (a test's
     stand-in) is asked through its `send_and_receive`, and its replies are unpacked by the caller.
     """
     from flwr.superlink.grid.http_grid import HttpGrid
@@ -140,12 +116,12 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float, *, pol
     for msg, packed in zip(messages, pack_contents(contents)):  # one buffer per message (fedrad.common.packing)
         msg.content = packed
     try:
-        if not isinstance(grid, Grid):  # a stand-in offering only send_and_receive: used as it is
+        if not hasattr(grid, "push_messages"):  # a stand-in offering only send_and_receive: used as it is
             replies = list(grid.send_and_receive(messages, timeout=timeout))
             clock.mark("replies")
             return replies
         if isinstance(grid, HttpGrid):
-            quick_object_retries(sys.modules[type(grid).__module__], poll)
+            quick_object_pulls(sys.modules[type(grid).__module__], poll)  # replies' arrays: 20 ms retries
         pending = set(grid.push_messages(messages))
         clock.mark("push")
     finally:  # the caller's messages keep their records as built (their ids were set as pushed)

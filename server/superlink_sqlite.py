@@ -41,7 +41,8 @@ import time
 import types
 from collections.abc import Callable
 
-CHECKED_FLWR = "1.42.0"
+from fedrad.common.flower_tools import CHECKED_FLWR
+
 FLOWER_BUSY_TIMEOUT_MS = "5000"
 DEFAULT_BUSY_TIMEOUT_S = 20.0
 MAX_BUSY_TIMEOUT_S = 600.0

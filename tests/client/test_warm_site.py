@@ -103,7 +103,8 @@ class FakeGrid:
         for mid in ids:
             msg, at = self.pushed[mid]
             if time.monotonic() - at >= self.delay:
-                out.append(types.SimpleNamespace(metadata=types.SimpleNamespace(reply_to_message_id=mid)))
+                out.append(types.SimpleNamespace(metadata=types.SimpleNamespace(reply_to_message_id=mid),
+                                                 content=RecordDict(), has_error=lambda: False))
         return out
 
 
