@@ -23,6 +23,13 @@ fit is therefore a MAP estimate under a Gaussian prior centred on the identity m
 log T ~ N(0, LOG_T_SD²) and b ~ N(0, BIAS_SD²): with a few dozen images it moves
 cautiously, with hundreds the data decide. No Flower, no torch: scipy's L-BFGS-B on two or
 a few parameters.
+
+`class_balanced` (run-config `bcts-balanced`) weights each held-out image by n / (K · n_y),
+so every class carries the same total weight: at a 0.9-prevalence site the positives
+otherwise decide the temperature, and a map fitted where one class dominates may be off
+where the deployment prior is near 0.5. The weighted set is a population with a uniform
+prior (the same images per class), so the fit's prior offset then uses the uniform prior
+in place of `prior_fit`.
 """
 
 from __future__ import annotations
@@ -70,7 +77,8 @@ def _validate(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_bcts(z: np.ndarray, y: np.ndarray, *, prior_fit: np.ndarray | None = None,
-             prior_ref: np.ndarray | None = None, min_per_class: int = 2, bias: bool = True) -> BCTS:
+             prior_ref: np.ndarray | None = None, min_per_class: int = 2, bias: bool = True,
+             class_balanced: bool = False) -> BCTS:
     """Fit BCTS on held-out logits `z` (N, K) with labels `y` (N,).
 
     Args:
@@ -81,6 +89,8 @@ def fit_bcts(z: np.ndarray, y: np.ndarray, *, prior_fit: np.ndarray | None = Non
         prior_ref: Prior the calibrated posteriors should describe.
         min_per_class: Each class needs at least this many held-out images.
         bias: False fits the temperature alone (plain temperature scaling, b = 0).
+        class_balanced: Weight each image n / (K · n_y) so each class carries equal total
+            weight; `prior_fit` is then taken as uniform (the weighted set's prior).
 
     Raises:
         ValueError: Bad shapes/labels, or a class with fewer than `min_per_class` images
@@ -97,9 +107,12 @@ def fit_bcts(z: np.ndarray, y: np.ndarray, *, prior_fit: np.ndarray | None = Non
         pf, pr = np.asarray(prior_fit, dtype=np.float64), np.asarray(prior_ref, dtype=np.float64)
         if pf.shape != (k,) or pr.shape != (k,) or np.any(pf <= 0) or np.any(pr <= 0):
             raise ValueError(f"prior_fit and prior_ref must be {k} positive probabilities; got {pf}, {pr}.")
+        if class_balanced:
+            pf = np.full(k, 1.0 / k)
         offset = np.log(pf) - np.log(pr)
-    onehot = np.eye(k)[y]
     n = len(y)
+    weight = n / (k * counts[y]) if class_balanced else np.ones(n)  # sums to n either way
+    onehot = np.eye(k)[y] * weight[:, None]
     precision = np.array([1 / LOG_T_SD**2] + [1 / BIAS_SD**2] * (k - 1)) / n  # the prior, per image
 
     def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -108,7 +121,7 @@ def fit_bcts(z: np.ndarray, y: np.ndarray, *, prior_fit: np.ndarray | None = Non
         u = z / t + b + offset
         logp = log_softmax(u, axis=1)
         loss = -np.sum(onehot * logp) / n + 0.5 * float(theta @ (precision * theta))
-        du = (np.exp(logp) - onehot) / n
+        du = (weight[:, None] * np.exp(logp) - onehot) / n
         grad = np.concatenate([[np.sum(du * (-z / t))], du.sum(axis=0)[1:]]) + precision * theta
         return float(loss), grad
 

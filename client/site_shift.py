@@ -110,7 +110,7 @@ def evaluate_site(model: EfficientNetLite0, outputs: SiteOutputs, data: SiteData
     z_unl, _ = outputs("unlabelled")
     folds = two_folds(data.keys_test, data.y_test, seed=cfg.seed)
     fix = correct_site(g_test, data.y_test, folds, train_log_posteriors(z_unl, ref, cfg.logit_adjust), ref,
-                       _counts_prior(data.y_train), flags)
+                       _counts_prior(data.y_train), flags, balanced=cfg.bcts_balanced)
     out, flags = fix.metrics, fix.flags
     out["prior-labelled"] = float(_counts_prior(data.y_train)[1])
     if audit is not None:
@@ -143,7 +143,8 @@ def evaluate_site(model: EfficientNetLite0, outputs: SiteOutputs, data: SiteData
 
 
 def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_unl: np.ndarray, ref: np.ndarray,
-                 labelled_prior: np.ndarray, flags: ShiftFlag = ShiftFlag.NONE) -> SiteCorrection:
+                 labelled_prior: np.ndarray, flags: ShiftFlag = ShiftFlag.NONE, *,
+                 balanced: bool = False) -> SiteCorrection:
     """Steps 1-3: estimates on the unlabelled images, cross-fitted correction of the test split.
 
     Args:
@@ -151,6 +152,7 @@ def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_un
         g_unl: log p_train(y|x) of the unlabelled images (M, K).
         ref: π_train; labelled_prior: the site's prior from its labelled training counts.
         flags: Flags raised before (e.g. no training prior came).
+        balanced: Fit every BCTS map class-balanced (run-config `bcts-balanced`).
     """
     p_test = np.exp(g_test)
     out: dict[str, float] = {"n-unlabelled": len(g_unl)}
@@ -165,7 +167,7 @@ def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_un
     priors: dict[str, np.ndarray] = {"labelled": labelled_prior}
     bbse_reason = ""
     if not flags & (ShiftFlag.CLASS_ABSENT | ShiftFlag.FEW_CALIBRATION):
-        calibrate = _calibrate(g_test, y_test, ref)
+        calibrate = _calibrate(g_test, y_test, ref, balanced=balanced)
         out.update({"bcts-temperature": calibrate.temperature, "bcts-bias": float(calibrate.bias[1])})
         prior_site = labelled_prior
         if use_em:
@@ -175,7 +177,7 @@ def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_un
                 prior_site = priors["em"] = em.prior
             else:
                 flags |= ShiftFlag.EM_FAILED
-            bbse = bbse_cross_fitted(g_test, y_test, folds, g_unl, ref)
+            bbse = bbse_cross_fitted(g_test, y_test, folds, g_unl, ref, balanced=balanced)
             if bbse.ok:
                 out["prior-bbse"] = float(bbse.prior[1])
                 priors["bbse"] = bbse.prior
@@ -187,11 +189,11 @@ def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_un
     for f in (0, 1):
         fit, score = folds != f, folds == f
         temperature = BCTS.identity(NUM_CLASSES) if calibrate is None else _calibrate(g_test[fit], y_test[fit], ref,
-                                                                                       bias=False)
+                                                                                       bias=False, balanced=balanced)
         reference[score] = _federation_view(temperature, g_test[score], np.concatenate([g_unl, g_test]), ref)
     for f in (0, 1) if not flags & FALLBACK else ():
         fit, score = folds != f, folds == f
-        cal_f = _calibrate(g_test[fit], y_test[fit], ref)
+        cal_f = _calibrate(g_test[fit], y_test[fit], ref, balanced=balanced)
         prior_f = labelled_prior
         if use_em:
             em_f = em_prior(cal_f(g_unl), ref)
@@ -215,7 +217,7 @@ def correct_site(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_un
 
 
 def bbse_cross_fitted(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray, g_unl: np.ndarray,
-                      ref: np.ndarray) -> PriorEstimate:
+                      ref: np.ndarray, *, balanced: bool = False) -> PriorEstimate:
     """BBSE whose confusion matrix never sees predictions from a map fitted on the same labels.
 
     For each fold: BCTS fitted on the other fold; the confusion matrix from this fold's
@@ -227,7 +229,7 @@ def bbse_cross_fitted(g_test: np.ndarray, y_test: np.ndarray, folds: np.ndarray,
     estimates = []
     for f in (0, 1):
         fit, score = folds != f, folds == f
-        cal = _calibrate(g_test[fit], y_test[fit], ref)
+        cal = _calibrate(g_test[fit], y_test[fit], ref, balanced=balanced)
         est = bbse_prior(cal(g_test[score]), y_test[score], cal(g_unl))
         if not est.ok:
             return PriorEstimate(None, 0, f"fold {f}: {est.reason}")
@@ -250,10 +252,10 @@ def _federation_view(temperature: BCTS, g_score: np.ndarray, g_images: np.ndarra
     return correct_posteriors(q, em.prior, ref) if em.ok else q
 
 
-def _calibrate(g: np.ndarray, y: np.ndarray, ref: np.ndarray, *, bias: bool = True) -> BCTS:
+def _calibrate(g: np.ndarray, y: np.ndarray, ref: np.ndarray, *, bias: bool = True, balanced: bool = False) -> BCTS:
     """BCTS on held-out images whose own prior (from their labels) is factored out: q describes π_ref."""
     return fit_bcts(g, y, prior_fit=prior_from_counts(np.bincount(y, minlength=NUM_CLASSES), smoothing=1.0),
-                    prior_ref=ref, bias=bias)
+                    prior_ref=ref, bias=bias, class_balanced=balanced)
 
 
 def personalise_site(f_lab: np.ndarray, y_lab: np.ndarray, f_test: np.ndarray, y_test: np.ndarray,

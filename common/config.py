@@ -59,6 +59,7 @@ class RunConfig:
     dp_delta: float = 1e-5  # the delta at which the report states the run's epsilon
     logit_adjust: float = 0.0  # tau of the logit-adjusted loss CE(logits + tau log pi_site); 1 with bn-mode=shared
     label_shift: bool = True  # last round: sites calibrate (BCTS), estimate their prior (EM, BBSE), correct, personalise
+    bcts_balanced: bool = False  # BCTS fit weights each class equally (n / (K n_y) per image); false = unweighted
     personalise_steps: int = 50  # last round: L-BFGS steps fitting a site-only copy of the decision layer (0 = off)
     personalise_l2: float = 1.0  # pull of that copy toward the global decision layer (lambda/2 ||W - W_global||^2)
     disagreement_threshold: float = 0.15  # flag concept shift when this fraction of decisions differ

@@ -198,6 +198,20 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     return gpu_main(args)
 
 
+def cmd_deploy_table(args: argparse.Namespace) -> int:
+    from fedrad.lab.deploy_table import Checks, deploy_table
+
+    checks = Checks(max_prior_error=args.max_prior_error, min_unlabelled=args.min_unlabelled,
+                    max_ratio=args.max_ratio, min_gap=args.min_gap)
+    md, data = deploy_table(args.runs, checks)
+    print(md)
+    if args.json is not None:
+        import json
+
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    return 0
+
+
 def add_study_arguments(p: argparse.ArgumentParser, *, out: str) -> None:
     """The flags every multi-seed study shares (`fedrad shift`, `fedrad dp`)."""
     p.add_argument("--data", type=Path, default=None,
@@ -339,6 +353,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\"",
                    help="--deploy: run-config overrides for both runs; --virtual-sites: the run config")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("deploy-table", help="the deployment label-shift table over runs: per seed, mean ± sd per "
+                                            "data draw, issue 16's checks",
+                       description="Reads the report.json of finished `fedrad simulate` runs (nothing is re-run), "
+                                   "groups them by data folder (one draw of the data) and prints, per site with a "
+                                   "deployment evaluation set, the five corrections (none, labelled prior, EM, BBSE, "
+                                   "oracle prior): prior used, ECE, Brier, balanced accuracy as mean ± sd over the "
+                                   "runs; the ratio ECE EM / ECE labelled and EM's prior error per run; and how many "
+                                   "site-runs meet each check.",
+                       epilog="example: fedrad deploy-table runs/i16-d0-s0 runs/i16-d0-s1 runs/i16-d0-s2 "
+                              "--json runs/i16-table.json")
+    p.add_argument("runs", type=Path, nargs="+", help="run folders (or their report.json)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
+    p.add_argument("--max-prior-error", type=float, default=0.05, help="EM prior check tolerance (default 0.05)")
+    p.add_argument("--min-unlabelled", type=int, default=300,
+                   help="judge the EM prior check at sites with at least this many unlabelled images (default 300)")
+    p.add_argument("--max-ratio", type=float, default=0.5, help="ECE EM / ECE labelled target (default 0.5)")
+    p.add_argument("--min-gap", type=float, default=0.25,
+                   help="judge the ratio where labelled and deployment priors differ by this much (default 0.25)")
+    p.set_defaults(func=cmd_deploy_table)
 
     p = sub.add_parser("bench-gpu", help="GPU benchmark: local-training images/s vs bare forward+backward images/s",
                        description="On one NVIDIA GPU (bf16, channels-last): images/s of fedrad's local training "

@@ -79,3 +79,31 @@ def test_temperature_only_keeps_the_bias_at_zero():
     z, y, _ = miscalibrated(20_000, 0.5, seed=5)
     cal = fit_bcts(z, y, bias=False)
     assert np.all(cal.bias == 0.0) and 1.5 < cal.temperature < 2.5
+
+
+def test_class_balanced_fit_equals_the_fit_on_a_balanced_copy():
+    # weights n / (K n_y) on a 0.9-prevalence set = the unweighted fit on the same images with each
+    # negative repeated 9 times (prior 0.5); only the MAP prior's per-image strength differs (1/n)
+    z, y, _ = miscalibrated(4_000, 0.9, seed=3)
+    neg, pos = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
+    reps = round(len(pos) / len(neg))
+    idx = np.concatenate([pos[: reps * len(neg)], np.repeat(neg, reps)])
+    keep = np.concatenate([pos[: reps * len(neg)], neg])
+    ref = np.array([0.4, 0.6])
+    counts = np.bincount(y[keep], minlength=2) / len(keep)
+    weighted = fit_bcts(z[keep], y[keep], prior_fit=counts, prior_ref=ref, class_balanced=True)
+    copied = fit_bcts(z[idx], y[idx], prior_fit=np.array([0.5, 0.5]), prior_ref=ref)
+    plain = fit_bcts(z[keep], y[keep], prior_fit=counts, prior_ref=ref)
+    assert weighted.temperature == pytest.approx(copied.temperature, rel=0.01)
+    assert weighted.bias[1] == pytest.approx(copied.bias[1], abs=0.02)
+    # and it is a different fit from the unweighted one on this model (2 levels of over-confidence)
+    assert plain.temperature != pytest.approx(weighted.temperature, rel=1e-6)
+
+
+def test_class_balanced_fit_recovers_the_map_on_imbalanced_images():
+    z, y, _ = miscalibrated(40_000, 0.9, seed=4)
+    pf = np.bincount(y, minlength=2) / len(y)
+    cal = fit_bcts(z, y, prior_fit=pf, prior_ref=pf, class_balanced=True)
+    # the model is 2ℓ + 1 where ℓ already holds the 0.9 prior: T = 2, b = -1/2 under π_ref = π_fit
+    assert cal.temperature == pytest.approx(2.0, rel=0.05)
+    assert cal.bias[1] == pytest.approx(-0.5, abs=0.1)
