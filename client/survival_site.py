@@ -9,9 +9,11 @@ Evaluation computes, on the test split, per site: Harrell's C-index and its pair
 (concordant, discordant, tied in risk: the coordinator adds them up into a federated
 C-index), the time-dependent AUC at the split's median follow-up and the integrated Brier
 score (scikit-survival; survival curves from a Breslow baseline fitted on the site's own
-training risks), and the Cox loss. Only those scalars leave, and only when the split holds
-at least `min-count` images and `min-count` events. The risk scores, the survival curves
-and the Kaplan-Meier plot of the predicted risk groups stay in the site's work folder.
+training risks), and the Cox loss; with a slice bag (`slices-per-lesion` k) a patient's risk
+is the mean of its k slices' (`fedrad.client.outputs.model_outputs`). Only those scalars
+leave, and only when the split holds at least `min-count` images and `min-count` events. The
+risk scores, the survival curves and the Kaplan-Meier plot of the predicted risk groups stay
+in the site's work folder.
 No Flower here.
 """
 
