@@ -87,9 +87,9 @@ def throttle_cleanup(cls: type, every_s: float = CLEANUP_EVERY_S, clock: Callabl
     method is not there. Two threads passing at once may both clean: harmless.
     """
     original = getattr(cls, "_cleanup_expired_task_tokens", None)
-    if original is None or getattr(original, "fedrad_throttled", False):
-        if original is None:
-            raise UnknownFlower("this Flower's SqlCoreState has no _cleanup_expired_task_tokens to throttle")
+    if original is None:
+        raise UnknownFlower("this Flower's SqlCoreState has no _cleanup_expired_task_tokens to throttle")
+    if getattr(original, "fedrad_throttled", False):  # already throttled (a second call in this process)
         return
     last = [float("-inf")]
 
