@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fedrad.lab.compare_report import finite_mean_sd
 
 METHODS = ("none", "labelled", "em", "bbse", "oracle")
 LABELS = {"none": "none (π_train)", "labelled": "labelled prior", "em": "EM", "bbse": "BBSE", "oracle": "oracle prior"}
@@ -107,11 +108,12 @@ def load_site_runs(run_dirs: Iterable[Path]) -> list[SiteRun]:
 
 
 def mean_sd(values: Sequence[float | None]) -> tuple[float, float, int] | None:
-    """Mean, sample sd (0 for one value) and count of the values present; None when none is."""
-    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
-    if not xs:
+    """Mean, sample sd (0 for one value; `finite_mean_sd`, as compare and the studies) and count of the finite
+    values; None when there are none."""
+    mean, sd = finite_mean_sd(values)
+    if mean is None:
         return None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
+    return mean, sd, sum(v is not None and math.isfinite(v) for v in values)
 
 
 def _f(v: float | None, nd: int = 3) -> str:
