@@ -151,6 +151,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from fedrad.lab.bench import run_bench
 
+    if args.virtual_sites is not None and args.virtual_sites < 1:  # 0 would otherwise run the default benchmark
+        raise SystemExit(f"fedrad bench: --virtual-sites {args.virtual_sites}: give at least 1 site.")
     if args.patients is None:  # --deploy's sites default to 40 patients, --virtual-sites' tiny ones to 16
         args.patients = 16 if args.virtual_sites else 40
     if args.virtual_sites:  # many tiny virtual sites in the Simulation Engine (fedrad.lab.scale_bench)
@@ -335,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: a secure deployment on loopback (coordinator + site daemons, TLS, node auth), "
                         "deploy_round_seconds / deploy_site_compute_seconds / deploy_overhead_seconds, and the same "
                         "run simulated (--data: site folders to use; default: --sites synthetic ones)")
-    p.add_argument("--virtual-sites", type=int, default=0, metavar="N",
+    p.add_argument("--virtual-sites", type=int, default=None, metavar="N",
                    help="instead: N tiny synthetic sites (--patients each, 96 px) in the Simulation Engine for "
                         "--rounds rounds (or the sites in --data): round times, wall time, peak memory of the whole "
                         "simulation (PSS over its process tree, also per role), per-site AUCs; run config default "

@@ -24,3 +24,13 @@ def test_processes_are_split_into_driver_actors_and_ray():
     assert role("ray::ClientAppActor.run", False) == role("ray::IDLE", False) == "actors"
     assert role("ray::DashboardAgent", False) == role("ray::RuntimeEnvAgent", False) == "ray"
     assert role("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet", False) == "ray"
+
+
+def test_zero_virtual_sites_is_refused_not_taken_for_the_default_benchmark(tmp_path):
+    import pytest
+
+    from fedrad.cli import main
+
+    with pytest.raises(SystemExit, match="--virtual-sites 0: give at least 1 site"):
+        main(["bench", "--virtual-sites", "0", "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "b").exists()  # nothing ran
