@@ -127,3 +127,36 @@ def test_short_poll_exchange_returns_every_reply_and_stops_at_the_timeout():
 def test_the_poll_launcher_refuses_bad_arguments(bad):
     with pytest.raises(SystemExit):
         supernode_polling.main(bad)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _serving(max_memory_mb, tokens, monkeypatch, rss):
+    """A warm process whose Runtime API hands out `tokens` tasks (then stops it) and whose RSS reads from `rss`."""
+    app = object.__new__(warm_clientapp.WarmClientApp)  # no Runtime API connection: only the serve loop runs
+    app.address, app.poll_interval, app.max_memory_mb, app.tasks = "test", 0.0, max_memory_mb, 0
+    queue = list(tokens)
+
+    def acquire():
+        if not queue:
+            raise _Stop
+        return queue.pop(0)
+
+    app.acquire, app.run_task = acquire, lambda token: None
+    monkeypatch.setattr(warm_clientapp, "resident_mb", lambda: rss.pop(0))
+    return app
+
+
+def test_the_memory_bound_ends_the_warm_process_after_the_message_that_crosses_it(monkeypatch):
+    app = _serving(100, ["t1", None, "t2", "t3", "t4"], monkeypatch, rss=[50.0, 99.0, 150.0, 10.0])
+    assert app.serve() == warm_clientapp.EXIT_RECYCLE  # the supervisor starts a fresh one
+    assert app.tasks == 3  # t4 was left for the fresh process
+
+
+def test_without_a_memory_bound_the_warm_process_keeps_serving(monkeypatch):
+    app = _serving(0, ["t1", "t2", "t3"], monkeypatch, rss=[10_000.0] * 3)
+    with pytest.raises(_Stop):
+        app.serve()
+    assert app.tasks == 3
