@@ -42,7 +42,7 @@ from fedrad.client.policy import PolicyRefused, SitePolicy, SmallCount, site_pol
 from fedrad.client.reference import load_inputs, site_intensity
 from fedrad.client.refusals import guarded, refusal
 from fedrad.client.site_shift import evaluate_site
-from fedrad.client.survival_site import evaluate_survival, fit_survival
+from fedrad.client.survival_site import evaluate_survival, fit_survival, site_covariates
 from fedrad.client.train import fit, pick_device
 from fedrad.common.codes import CODES, reason
 from fedrad.common.config import RunConfig
@@ -312,7 +312,8 @@ def train_content(msg: Message, context: Context, cfg: RunConfig, data: SiteData
     if cfg.task == "survival":  # Cox head on (time, event); y_train holds the events, no class counts travel
         counts = None
         stats = fit_survival(model, inputs.train, data.time_train, data.y_train, cfg,
-                             seed=cfg.seed * 10_000 + server_round, device=pick_device(cfg.device))
+                             seed=cfg.seed * 10_000 + server_round, device=pick_device(cfg.device),
+                             covariates=site_covariates(data, cfg)[0])
     else:
         stats = fit(model, inputs.train, data.y_train, cfg, seed=cfg.seed * 10_000 + server_round,
                     device=pick_device(cfg.device),
@@ -368,7 +369,8 @@ def evaluate_content(msg: Message, context: Context, cfg: RunConfig, data: SiteD
     outputs = SiteOutputs(model, inputs, pick_device(cfg.device))
     if cfg.task == "survival":  # C-index, pair counts, td-AUC, IBS; risk scores and KM plot stay in `work`
         metrics, withheld = evaluate_survival(outputs, data.time_train, data.y_train, data.time_test, data.y_test,
-                                              min_count=policy.min_count, work_dir=work, site=data.name)
+                                              min_count=policy.min_count, work_dir=work, site=data.name,
+                                              covariates=site_covariates(data, cfg))
     else:
         audit = load_audit(model, cfg, site_folder(context, cfg), reference_arrays(msg).get(REFERENCE_HISTOGRAM),
                            site=data.name, cache_dir=cache_folder(work),

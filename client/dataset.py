@@ -25,6 +25,7 @@ from fedrad.client.lru import BoundedLRU
 from fedrad.client.masks import read_mask
 from fedrad.client.series import read_series
 from fedrad.client.slices import lesion_planes
+from fedrad.common.covariates import COVARIATES, mask_covariates
 from fedrad.common.dicom import DicomImage, DicomReadError, read_image
 from fedrad.common.preprocess import Preprocessor, Stack
 
@@ -51,6 +52,10 @@ class SiteData:
         time_train, time_test: (N,) float64 follow-up in days, aligned with y_train / y_test,
             when the preprocessor's `target` is "survival" (then y is the event: 1 event,
             0 censored); empty otherwise.
+        covariates_train, covariates_test: (N, len(COVARIATES)) float64, aligned with
+            y_train / y_test: each row's mask-derived covariates (`fedrad.common.covariates`;
+            NaN for a 2-D image row, which has no mask). They stay at the site; with run
+            config `covariates` the Cox head weighs them beside the CNN.
     """
 
     name: str
@@ -67,6 +72,8 @@ class SiteData:
     preprocessing: str = ""
     time_train: np.ndarray = field(default_factory=lambda: np.zeros(0))
     time_test: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    covariates_train: np.ndarray = field(default_factory=lambda: np.zeros((0, len(COVARIATES))))
+    covariates_test: np.ndarray = field(default_factory=lambda: np.zeros((0, len(COVARIATES))))
 
     def summary(self) -> dict:
         """JSON-ready counts (no pixel data) for logs and the server."""
@@ -116,6 +123,7 @@ def load_site(
     }
     survival = getattr(preprocessor, "target", "label") == "survival"
     times: dict[str, list[float]] = {"train": [], "test": [], "unlabelled": []}
+    covariates: dict[str, list[np.ndarray]] = {"train": [], "test": [], "unlabelled": []}
     spacings: list[tuple[float, float]] = []
     for done, row in enumerate(rows, start=1):
         target = row.event if survival else row.label
@@ -124,8 +132,9 @@ def load_site(
                                    + ("time and event; task = survival scores test rows on them" if survival else
                                       "label (it gives time and event only: run task = survival)")))
             continue
+        z = np.full(len(COVARIATES), np.nan)  # a 2-D row has no mask, so no covariate
         if row.series:
-            problem, x, spacing, key = _series_row(site_dir, row, preprocessor)
+            problem, x, spacing, key, z = _series_row(site_dir, row, preprocessor)
         else:
             problem, image = _read_row(site_dir, row)
             spacing = None if image is None else image.spacing_mm
@@ -144,6 +153,7 @@ def load_site(
             buckets[bucket][1].append(-1 if target is None else target)
             buckets[bucket][2].append(key)
             times[bucket].append(row.time if survival and row.time is not None else np.nan)
+            covariates[bucket].append(z)
         if on_progress is not None:
             on_progress(done, len(rows))
 
@@ -171,6 +181,8 @@ def load_site(
         preprocessing=repr(preprocessor),
         time_train=np.asarray(times["train"] if survival else [], dtype=np.float64),
         time_test=np.asarray(times["test"] if survival else [], dtype=np.float64),
+        covariates_train=np.asarray(covariates["train"], dtype=np.float64).reshape(-1, len(COVARIATES)),
+        covariates_test=np.asarray(covariates["test"], dtype=np.float64).reshape(-1, len(COVARIATES)),
     )
 
 
@@ -203,16 +215,18 @@ def _read_row(site_dir: Path, row: Row) -> tuple[str | None, DicomImage | None]:
 
 
 def _series_row(site_dir: Path, row: Row, preprocessor: Preprocessor | Stack
-                ) -> tuple[str | None, np.ndarray | None, tuple[float, float] | None, str]:
+                ) -> tuple[str | None, np.ndarray | None, tuple[float, float] | None, str, np.ndarray]:
     """A series row: read the series and its mask, cut the run's planes, preprocess them.
 
-    Returns (problem or None, CNN input or None, in-plane spacing or None, content key). The
+    Returns (problem or None, CNN input or None, in-plane spacing or None, content key, the
+    mask's covariates (`fedrad.common.covariates.mask_covariates`, NaN on a problem)). The
     key hashes every file of the series, the mask, the ROI name and the slice mode, so a
     cached input is never served for a changed series, mask or mode.
     """
     series_path = site_dir.joinpath(*row.rel.parts)
+    none = np.full(len(COVARIATES), np.nan)
     if row.mask is None:  # the labels grammar refuses such rows; kept for direct callers
-        return "series row without a mask", None, None, ""
+        return "series row without a mask", None, None, "", none
     mask_path = site_dir.joinpath(*row.mask.parts)
     mode, slab = getattr(preprocessor, "slice_mode", "largest"), getattr(preprocessor, "slab_mm", 5.0)
     bag = getattr(preprocessor, "slices_per_lesion", 1)
@@ -222,7 +236,7 @@ def _series_row(site_dir: Path, row: Row, preprocessor: Preprocessor | Stack
     except DicomReadError as exc:
         where = ("" if exc.path == series_path else f"mask {row.mask}: " if exc.path == mask_path
                  else f"series {row.image}, {exc.path.name}: ")
-        return where + exc.reason, None, None, ""
+        return where + exc.reason, None, None, "", none
     planes = lesion_planes(volume, mask, mode=mode, slab_mm=slab, slices=bag)
     if len(planes.images) == 1:
         x = preprocessor(planes.images[0], planes.centres_rc[0])
@@ -236,7 +250,8 @@ def _series_row(site_dir: Path, row: Row, preprocessor: Preprocessor | Stack
         if file.is_file():
             digest.update(file.name.encode() + file.read_bytes())
     digest.update(repr((row.roi_name, mode, slab) if bag == 1 else (row.roi_name, mode, slab, bag)).encode())
-    return None, x, (float(volume.spacing_mm[1]), float(volume.spacing_mm[2])), digest.hexdigest()[:32]
+    return (None, x, (float(volume.spacing_mm[1]), float(volume.spacing_mm[2])), digest.hexdigest()[:32],
+            mask_covariates(mask, tuple(float(v) for v in volume.spacing_mm), volume.values))
 
 
 def _read_image_remembered(path: Path) -> DicomImage:

@@ -26,16 +26,19 @@ from pathlib import Path
 import numpy as np
 
 from fedrad.client.dataset import SiteData, Skipped
+from fedrad.common.covariates import COVARIATES
 
 log = logging.getLogger("fedrad.site")
-_ARRAYS = ("x_train", "y_train", "x_test", "y_test", "x_unlabelled", "spacings_mm", "time_train", "time_test")
+_ARRAYS = ("x_train", "y_train", "x_test", "y_test", "x_unlabelled", "spacings_mm", "time_train", "time_test",
+           "covariates_train", "covariates_test")
 _KEYS = ("keys_train", "keys_test", "keys_unlabelled")
 KEEP = 3  # array files kept per site: the raw inputs, the HU crops and the harmonised inputs of one run
 
 
 def store_path(cache_dir: Path, preprocessing: str, fingerprint: tuple) -> Path:
-    """Where the arrays of this folder state under this preprocessing live."""
-    return keyed_path(cache_dir, "pixels", (preprocessing, fingerprint))
+    """Where the arrays of this folder state under this preprocessing live (and this set of mask covariates:
+    a file made before a covariate was added lacks its column)."""
+    return keyed_path(cache_dir, "pixels", (preprocessing, fingerprint, tuple(COVARIATES)))
 
 
 def keyed_path(cache_dir: Path, kind: str, key: tuple) -> Path:

@@ -14,6 +14,10 @@ is the mean of its k slices' (`fedrad.client.outputs.model_outputs`). Only those
 leave, and only when the split holds at least `min-count` images and `min-count` events. The
 risk scores, the survival curves and the Kaplan-Meier plot of the predicted risk groups stay
 in the site's work folder.
+
+With run config `covariates` (`fedrad.common.covariates`) a patient's risk is the network's
+output plus beta . z, z its mask covariates (e.g. ln lesion volume in mL), trained in the same
+partial likelihood; z never leaves the site, beta is averaged like the head.
 No Flower here.
 """
 
@@ -27,9 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedrad.client.dataset import SiteData
 from fedrad.client.outputs import SiteOutputs
 from fedrad.client.train import Inputs, train_epochs
 from fedrad.common.config import RunConfig
+from fedrad.common.covariates import covariate_risk, select
 from fedrad.common.efficientnet_lite import EfficientNetLite0
 from fedrad.common.records import C_INDEX, IBS, N_EVENTS, PAIRS, TD_AUC
 from fedrad.common.survival import cox_loss, pair_counts
@@ -39,21 +45,50 @@ TIES = "efron"
 KM_PLOT = "km-risk-groups.png"  # in the site's work folder; never sent
 
 
+def site_covariates(data: SiteData, cfg: RunConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The run's covariates of the (train, test) rows, (None, None) without `covariates`.
+
+    Raises:
+        ValueError: a row without them (a 2-D image row), naming the site and the count.
+    """
+    names = cfg.covariate_names
+    if not names:
+        return None, None
+    return (select(data.covariates_train, names, site=data.name), select(data.covariates_test, names, site=data.name))
+
+
+def risk_scores(model: EfficientNetLite0, network_risk: np.ndarray, covariates: np.ndarray | None) -> np.ndarray:
+    """Each patient's log hazard ratio: the network's output, plus beta . z with covariates."""
+    if covariates is None:
+        return network_risk
+    with torch.no_grad():
+        return network_risk + covariate_risk(model, covariates).double().cpu().numpy()
+
+
 def fit_survival(model: EfficientNetLite0, inputs: Inputs, time: np.ndarray, event: np.ndarray, cfg: RunConfig, *,
-                 seed: int, device: torch.device = torch.device("cpu")) -> dict[str, float]:
+                 seed: int, device: torch.device = torch.device("cpu"),
+                 covariates: np.ndarray | None = None) -> dict[str, float]:
     """Train the unfrozen part on the Cox partial likelihood of each batch; return mean loss and timing.
 
     Mirrors `fedrad.client.train.fit` (same seeded order, views, discriminative rates, BN
     re-estimated on all training images afterwards); a batch without an event has no
-    partial likelihood and is skipped.
+    partial likelihood and is skipped. `covariates` (N, c), with a model that has their
+    coefficients (`build_model` with run config `covariates`), add beta . z to each risk.
     """
     n = len(time)
     if n < 2 or len(event) != n:
         raise ValueError(f"A site needs at least 2 training rows with time and event to train; got {n}.")
     times = torch.as_tensor(time, dtype=torch.float64, device=device)
     events = torch.as_tensor(event, dtype=torch.float64, device=device)
+    if covariates is not None and len(covariates) != n:
+        raise ValueError(f"covariates have {len(covariates)} rows for {n} training rows")
+    z = None if covariates is None else torch.as_tensor(covariates, dtype=torch.float32, device=device)
+
+    def risk(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return logits[:, 0] if z is None else logits[:, 0] + covariate_risk(model, z[idx])
+
     return train_epochs(model, inputs, n, cfg, seed=seed, device=device,
-                        loss=lambda logits, idx: cox_loss(logits[:, 0], times[idx], events[idx], TIES),
+                        loss=lambda logits, idx: cox_loss(risk(logits, idx), times[idx], events[idx], TIES),
                         usable=lambda idx: bool(events[idx].any()))
 
 
@@ -94,15 +129,18 @@ def survival_scores(time_train: np.ndarray, event_train: np.ndarray, risk_train:
 
 def evaluate_survival(outputs: SiteOutputs, time_train: np.ndarray, event_train: np.ndarray,
                       time_test: np.ndarray, event_test: np.ndarray, *, min_count: int, work_dir: Path | None,
-                      site: str) -> tuple[dict[str, float], dict[str, str]]:
+                      site: str, covariates: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+                      ) -> tuple[dict[str, float], dict[str, str]]:
     """The survival scalars this site may send, and what it withholds: (metrics, {what: code}).
 
     Fewer than `min_count` test images or test events: no test figure is sent
     (`test-metrics: small-count`), as for classification. The Kaplan-Meier plot of the test
     split's predicted risk groups (split at the median training risk) is drawn into
-    `work_dir` either way: it shows per-patient steps and stays at the site.
+    `work_dir` either way: it shows per-patient steps and stays at the site. `covariates`
+    (train, test): `site_covariates`, added to the network's risk (`risk_scores`).
     """
-    risk_train, risk_test = outputs("train")[0][:, 0], outputs("test")[0][:, 0]
+    risk_train = risk_scores(outputs.model, outputs("train")[0][:, 0], covariates[0])
+    risk_test = risk_scores(outputs.model, outputs("test")[0][:, 0], covariates[1])
     scores = survival_scores(time_train, event_train, risk_train, time_test, event_test, risk_test)
     if work_dir is not None and len(risk_test) and len(risk_train):
         plot_risk_groups(work_dir / KM_PLOT, time_test, event_test, risk_test, float(np.median(risk_train)), site)

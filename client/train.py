@@ -138,8 +138,8 @@ def train_epochs(model: EfficientNetLite0, inputs: Inputs, n: int, cfg: RunConfi
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         bag = torch.Generator().manual_seed(seed + 7_919) if inputs.n_slices > 1 else None
-        optimizer = make_optimizer(model, param_groups(model, lr_max=cfg.lr_max, lr_decay=cfg.lr_decay),
-                                   cfg.weight_decay)
+        optimizer = make_optimizer(model, param_groups(model, lr_max=cfg.lr_max, lr_decay=cfg.lr_decay,
+                                                       covariate_lr=cfg.covariate_lr), cfg.weight_decay)
         set_train_mode(model, cfg.freeze_blocks)
         losses: list[torch.Tensor] = []  # kept on the device: no GPU sync per step
         start = time.perf_counter()

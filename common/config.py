@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from fedrad.common.covariates import parse_covariates
 from fedrad.common.finetune import BN_MODES, check_freeze_blocks
 from fedrad.common.preprocess import SLICE_MODES
 
@@ -73,6 +74,8 @@ class RunConfig:
     slab_mm: float = 5.0  # slice-mode 2.5d: the neighbour planes' distance from the lesion centre (mm)
     slices_per_lesion: int = 1  # slice-mode largest: k axial slices of largest lesion area (train: one, eval: mean)
     task: str = "classification"  # classification (label, 2-class head) | survival (time + event, 1-output Cox head)
+    covariates: str = ""  # task = survival: mask-derived covariates beside the CNN in the Cox head ("log-volume")
+    covariate_lr: float = 0.2  # learning rate of the covariates' coefficients (common/covariates.py)
 
     def __post_init__(self) -> None:
         check_freeze_blocks(self.freeze_blocks)
@@ -112,10 +115,19 @@ class RunConfig:
             (self.slices_per_lesion == 1 or self.slice_mode == "largest",
              "slices-per-lesion > 1 needs slice-mode = largest (the other modes already use several planes)"),
             (self.task in TASKS, f"task must be one of {TASKS}"),
+            (self.covariate_lr > 0, "covariate-lr must be > 0"),
+            (not self.covariates or self.task == "survival",
+             "covariates (mask-derived, beside the CNN in the Cox head) need task = survival"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"{message}; got {self!r}.")
+        parse_covariates(self.covariates)
+
+    @property
+    def covariate_names(self) -> tuple[str, ...]:
+        """Run-config `covariates` as names (`fedrad.common.covariates.COVARIATES`); () = the CNN-only head."""
+        return parse_covariates(self.covariates)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:

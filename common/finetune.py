@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fedrad.common.bn import bn_modules, bn_state_keys
+from fedrad.common.covariates import MODULE as COVARIATE_MODULE
 from fedrad.common.efficientnet_lite import NUM_UNITS, EfficientNetLite0
 
 FULL_FINETUNE = -1  # freeze-blocks that freezes nothing
@@ -75,6 +76,9 @@ def unit_of_parameter(model: EfficientNetLite0) -> dict[str, int]:
             levels[name_of[id(param)]] = level
     for name, _ in model._fc.named_parameters():
         levels[f"_fc.{name}"] = CLASSIFIER_LEVEL
+    for name in name_of.values():  # task = survival with covariates: beta sits beside the decision layer
+        if name.startswith(f"{COVARIATE_MODULE}."):
+            levels[name] = CLASSIFIER_LEVEL
     return levels
 
 
@@ -100,10 +104,13 @@ def set_train_mode(model: EfficientNetLite0, freeze_blocks: int) -> None:
             unit.eval()
 
 
-def param_groups(model: EfficientNetLite0, *, lr_max: float, lr_decay: float) -> list[ParamGroup]:
+def param_groups(model: EfficientNetLite0, *, lr_max: float, lr_decay: float,
+                 covariate_lr: float | None = None) -> list[ParamGroup]:
     """Discriminative learning rates alpha_l = lr_max * lr_decay^(L - l) over trainable levels.
 
-    L is the classifier's level (18); frozen parameters get no group at all (alpha 0).
+    L is the classifier's level (18); frozen parameters get no group at all (alpha 0). The
+    covariates' coefficients (`fedrad.common.covariates`), when the model has them, get a
+    group of their own at `covariate_lr` (None: lr_max, like the decision layer).
     """
     if lr_max <= 0:
         raise ValueError(f"lr-max must be > 0; got {lr_max}.")
@@ -115,8 +122,12 @@ def param_groups(model: EfficientNetLite0, *, lr_max: float, lr_decay: float) ->
     for name, level in unit_of_parameter(model).items():
         if name in trainable:
             by_level.setdefault(level, []).append(name)
-    return [ParamGroup(level, lr_max * lr_decay ** (top - level), tuple(names))
-            for level, names in sorted(by_level.items())]
+    beta = tuple(name for name in by_level.get(top, []) if name.startswith(f"{COVARIATE_MODULE}."))
+    if beta:
+        by_level[top] = [name for name in by_level[top] if name not in beta]
+    groups = [ParamGroup(level, lr_max * lr_decay ** (top - level), tuple(names))
+              for level, names in sorted(by_level.items()) if names]
+    return groups + ([ParamGroup(top, lr_max if covariate_lr is None else covariate_lr, beta)] if beta else [])
 
 
 def make_optimizer(model: EfficientNetLite0, groups: list[ParamGroup], weight_decay: float) -> torch.optim.Optimizer:

@@ -136,6 +136,7 @@ def cmd_survival(args: argparse.Namespace) -> int:
         raise SystemExit("fedrad survival: give --data, a folder of sites with time and event "
                          "(e.g. from `fedrad synth --kind series --out DIR`)")
     console = Console()
+    args.run_config = ["task='survival'", *(args.run_config or [])]  # first, so survival-only keys are accepted
     study = run_survival_study(config_with_data(args), args.out.resolve(), seeds=range(args.seeds),
                                tolerance=args.tolerance, num_cpus=args.cpus, resume=args.resume,
                                progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))

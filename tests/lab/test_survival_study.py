@@ -57,7 +57,11 @@ def test_the_study_judges_each_site_against_ceiling_and_site_alone_and_resumes(t
     assert study["holds"] is False and study["c_index_federated_mean"] == pytest.approx(0.805)
     text = (tmp_path / "out" / "survival.md").read_text()
     assert "| site-a | 64 (40) | 0.800 | 0.785 ± 0.007 | 0.780, 0.790 | 0.700 ± 0.000 |" in text
-    assert "| yes | yes | 123 |" in text and "| **no** | **no** |" in text
+    assert "| yes | yes | 123 |" in text and "| **no** | **no** |" in text and "without the CNN" not in text
+    with_baseline = study_module.to_markdown({**study, "covariates_only": {
+        "covariates": ["log-volume"], "sites": {"site-a": {"alone": 0.61, "pooled": 0.625}}}})
+    assert "| site-a | 0.800 | 0.785 | 0.610 | 0.625 |" in with_baseline
+    assert "| site-b | 0.850 | 0.820 | – | – |" in with_baseline
 
     calls.clear()  # resume: both seeds' runs are kept with their configs, nothing runs again
     again = study_module.run_survival_study(cfg, tmp_path / "out", seeds=[0, 1], resume=True, progress=lambda m: None)
@@ -85,3 +89,32 @@ def test_site_alone_survival_trains_the_cox_head_and_scores_the_test_split(tmp_p
     assert 0.0 <= row["c_index"] <= 1.0 and set(row) >= {"td_auc", "integrated_brier"}
     assert centralised.build_model(cfg)._fc.out_features == 1  # the Cox head, not the classifier's two outputs
     assert centralised.run_local([data], cfg, tmp_path / "work")["sites"] == [row]  # seeded: the same figures again
+
+
+def test_the_covariates_only_baseline_fits_a_cox_model_per_site_and_pooled(tmp_path, monkeypatch):
+    """Real scikit-survival fits on arrays: z ranks the times at site-a; at site-b its sign is reversed."""
+    from tests.helpers import array_site
+
+    rng = np.random.default_rng(0)
+
+    def site(name: str, sign: float):
+        data = dataclasses.replace(array_site(n=40, size=8), name=name)
+        z = rng.normal(size=(40, 1))
+        time = np.exp(-sign * z[:, 0] + rng.normal(0, 0.3, 40)) * 500
+        z_all = np.concatenate([z, np.full((40, 2), np.nan)], axis=1)  # log-volume given, the rest absent
+        return dataclasses.replace(data, y_train=np.ones(30, np.int64), y_test=np.ones(10, np.int64),
+                                   time_train=time[:30], time_test=time[30:], covariates_train=z_all[:30],
+                                   covariates_test=z_all[30:])
+
+    a, b = site("site-a", 1.0), site("site-b", -1.0)
+    cfg = RunConfig(task="survival", covariates="log-volume")
+    out = centralised.run_covariate_cox([a, b], cfg)
+    assert out["covariates"] == ["log-volume"]
+    assert out["sites"]["site-a"]["alone"] > 0.8 and out["sites"]["site-b"]["alone"] > 0.8  # each learns its sign
+    assert out["sites"]["site-a"]["coefficients_alone"][0] > 0 > out["sites"]["site-b"]["coefficients_alone"][0]
+    # one pooled coefficient cannot have both signs: one site's ranking is reversed
+    assert min(out["sites"]["site-a"]["pooled"], out["sites"]["site-b"]["pooled"]) < 0.5
+    with pytest.raises(ValueError, match="needs run config covariates"):
+        centralised.run_covariate_cox([a], RunConfig(task="survival"))
+    with pytest.raises(ValueError, match="covariates log-volume need a series row"):
+        centralised.run_covariate_cox([dataclasses.replace(a, covariates_train=np.full((30, 3), np.nan))], cfg)
