@@ -71,6 +71,7 @@ def preprocessing_of(cfg: RunConfig, preprocessor: Preprocessor) -> dict[str, An
     match = preprocessor.intensity_map
     return {
         "spacing_mm": cfg.spacing_mm, "fov_mm": cfg.fov_mm, "input_px": preprocessor.size,
+        "slice_mode": preprocessor.slice_mode, "slab_mm": preprocessor.slab_mm,  # series rows: how planes are cut
         "resample": "linear, square field of view centred on the lesion (roi_x, roi_y; image centre without)",
         "ct_windows_level_width_hu": [list(w) for w in CT_WINDOWS],
         "non_ct": "per-image robust scaling (1st-99th percentile) to 3 channels",
@@ -132,6 +133,7 @@ def preprocessor_from_card(card: dict[str, Any]) -> Preprocessor:
                                                      method=hmap["method"])
     windows = [tuple(w) for w in pre["ct_windows_level_width_hu"]]
     preprocessor = Preprocessor(spacing_mm=pre["spacing_mm"], fov_mm=pre["fov_mm"], ct_windows=windows,
+                                slice_mode=pre.get("slice_mode", "largest"), slab_mm=pre.get("slab_mm", 5.0),
                                 intensity_map=match)
     if repr(preprocessor) != pre["repr"]:
         raise ValueError(f"the model card's preprocessing rebuilds to {preprocessor!r}, not the recorded "

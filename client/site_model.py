@@ -54,6 +54,26 @@ class SiteModelError(ValueError):
     """The run folder and the site's work folder do not make one model (the message says which and why)."""
 
 
+def check_scorable(cfg: RunConfig, folder: Path | str = "") -> None:
+    """Refuse, before any image is read, a run that predict / evaluate / export cannot score faithfully.
+
+    They score classification runs image by image. A `task = survival` run's scores (C-index,
+    td-AUC, integrated Brier score, the Kaplan-Meier plot) are written at each site in its last
+    round; a slice bag (`slices-per-lesion` > 1) averages k inputs per patient, which the scorer
+    does not rebuild.
+    """
+    where = f"run {folder}: " if folder else ""
+    if cfg.task == "survival":
+        raise SiteModelError(f"{where}task = survival. fedrad predict, evaluate and export score classification "
+                             "runs; a survival run's test C-index, td-AUC, integrated Brier score and Kaplan-Meier "
+                             "plot are in each site's work folder (survival.json, km-risk-groups.png), written in "
+                             "its last round.")
+    if cfg.slices_per_lesion > 1:
+        raise SiteModelError(f"{where}slices-per-lesion = {cfg.slices_per_lesion} (a slice bag): predict scores one "
+                             "input per image and does not rebuild the bag's k-slice average; use a run with "
+                             "slices-per-lesion = 1.")
+
+
 @dataclass(frozen=True)
 class RunModel:
     """What the run's coordinator wrote: `global.npz` + `global.json` (+ π_train from `report.json`).
@@ -246,6 +266,7 @@ def assemble(run: RunModel, *, work: Path | None, bn: BNSource = "site",
         SiteModelError: no work folder for `bn="site"`, a work folder of another run, too few
             images for AdaBN, or a config predict cannot reproduce (`prefix-bn = site`).
     """
+    check_scorable(RunConfig.from_run_config(run.config), run.folder)
     cfg, model = global_model_for_site(run.config, {**run.shared, **run.bn_pooled})
     if cfg.prefix_bn == "site" and first_trainable_unit(cfg.freeze_blocks) > 0:
         raise SiteModelError(f"run {run.folder} used prefix-bn = 'site' (the frozen prefix re-normalised on each "

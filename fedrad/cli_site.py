@@ -75,7 +75,7 @@ def build_scorer(args: argparse.Namespace) -> Scorer:
         read_card,
     )
     from fedrad.client.predict import read_site_folder
-    from fedrad.client.site_model import assemble
+    from fedrad.client.site_model import assemble, check_scorable
     from fedrad.common.config import RunConfig
     from fedrad.common.preprocess import Preprocessor
 
@@ -97,9 +97,11 @@ def build_scorer(args: argparse.Namespace) -> Scorer:
     if bn != "site" and args.site_work is not None:
         raise ValueError(f"--bn {bn} is for a site that never trained: leave out --site-work.")
     cfg = RunConfig.from_run_config(run.config)
+    check_scorable(cfg, run.folder)  # before any file is read
     site_name = args.site or Path(args.site_work if args.site_work is not None else args.data or "site").name
     match = intensity_map(cfg, run.folder, args.site_work, args.data, site=site_name)
-    preprocessor = Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, intensity_map=match)
+    preprocessor = Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, slice_mode=cfg.slice_mode,
+                                slab_mm=cfg.slab_mm, intensity_map=match)  # series rows cut as the run cut them
     folder = read_site_folder(args.data, preprocessor) if args.data is not None else None
     if folder is None and bn == "adabn":
         raise ValueError("--bn adabn re-estimates BatchNorm on the site's images: give --data.")

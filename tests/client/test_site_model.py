@@ -93,3 +93,32 @@ def test_a_folder_is_scored_per_split_in_labels_order_and_bad_files_are_skipped(
     test = score_folder(folder, outputs, Posteriors(prior_train=np.array([0.5, 0.5])), split="test")
     assert test.images == ["0.dcm", "4.dcm"]
     assert np.allclose(test.probabilities["probability"], scored.probabilities["probability"][1:3])
+
+
+def test_runs_predict_cannot_score_faithfully_are_refused_before_any_image_is_read(tmp_path):
+    from fedrad.client.site_model import assemble, check_scorable
+    from fedrad.common.config import RunConfig
+
+    check_scorable(RunConfig())  # a classification run with one input per image: scorable
+    check_scorable(RunConfig(slice_mode="2.5d"))
+    with pytest.raises(SiteModelError, match=r"run R: task = survival\..*survival.json, km-risk-groups.png"):
+        check_scorable(RunConfig(task="survival"), "R")
+    with pytest.raises(SiteModelError, match="slices-per-lesion = 5 .*slices-per-lesion = 1"):
+        check_scorable(RunConfig(slices_per_lesion=5))
+    survival = RunModel(tmp_path / "run", "aaaa1111", 5, RunConfig(task="survival").to_run_config(), {}, {})
+    with pytest.raises(SiteModelError, match="task = survival"):
+        assemble(survival, work=tmp_path / "work", bn="site")
+
+
+def test_the_model_card_rebuilds_a_series_runs_slice_mode(tmp_path):
+    from fedrad.client.model_card import preprocessing_of, preprocessor_from_card
+    from fedrad.common.config import RunConfig
+
+    cfg = RunConfig(slice_mode="2.5d", slab_mm=3.0)
+    pre = Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, slice_mode=cfg.slice_mode, slab_mm=cfg.slab_mm)
+    card = {"preprocessing": preprocessing_of(cfg, pre)}
+    rebuilt = preprocessor_from_card(card)
+    assert repr(rebuilt) == repr(pre) and rebuilt.slice_mode == "2.5d" and rebuilt.slab_mm == 3.0
+    old = {"preprocessing": {k: v for k, v in card["preprocessing"].items() if k not in ("slice_mode", "slab_mm")}}
+    with pytest.raises(ValueError, match="rebuilds to"):  # a card without the mode (older fedrad) cannot pass for it
+        preprocessor_from_card(old)
