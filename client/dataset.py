@@ -29,7 +29,7 @@ from fedrad.common.covariates import COVARIATES, mask_covariates
 from fedrad.common.dicom import DicomImage, DicomReadError, read_image
 from fedrad.common.preprocess import Preprocessor, Stack
 
-__all__ = ["SiteData", "SiteDataError", "Skipped", "channels", "image_key", "load_site"]
+__all__ = ["SiteData", "SiteDataError", "Skipped", "channels", "image_key", "load_site", "row_key", "series_key"]
 
 
 @dataclass
@@ -244,14 +244,37 @@ def _series_row(site_dir: Path, row: Row, preprocessor: Preprocessor | Stack
         x = preprocessor.from_bag(planes.images, planes.centres_rc)
     else:
         x = preprocessor.from_planes(planes.images, planes.centres_rc, planes.main)
+    return (None, x, (float(volume.spacing_mm[1]), float(volume.spacing_mm[2])),
+            series_key(series_path, mask_path, row.roi_name, mode, slab, bag),
+            mask_covariates(mask, tuple(float(v) for v in volume.spacing_mm), volume.values))
+
+
+def series_key(series_path: Path, mask_path: Path, roi_name: str, mode: str, slab_mm: float, bag: int) -> str:
+    """Content key of one series row: SHA-256 of every file of the series and the mask, the ROI name and the
+    slice mode, so a cached input is never served for a changed series, mask or mode."""
     files = sorted(series_path.iterdir()) if series_path.is_dir() else [series_path]
     digest = hashlib.sha256()
     for file in [*files, mask_path]:
         if file.is_file():
             digest.update(file.name.encode() + file.read_bytes())
-    digest.update(repr((row.roi_name, mode, slab) if bag == 1 else (row.roi_name, mode, slab, bag)).encode())
-    return (None, x, (float(volume.spacing_mm[1]), float(volume.spacing_mm[2])), digest.hexdigest()[:32],
-            mask_covariates(mask, tuple(float(v) for v in volume.spacing_mm), volume.values))
+    digest.update(repr((roi_name, mode, slab_mm) if bag == 1 else (roi_name, mode, slab_mm, bag)).encode())
+    return digest.hexdigest()[:32]
+
+
+def row_key(site_dir: Path, row: Row, preprocessor: Preprocessor | Stack) -> str | None:
+    """The content key `load_site` gives `row` under `preprocessor`; None when its file is not there.
+
+    Lets a reader of the same labels.csv (`fedrad.client.predict.rows_of`) tell which row each loaded
+    input came from, 2-D image and series rows alike.
+    """
+    path = site_dir.joinpath(*row.rel.parts)
+    if not row.series:
+        return image_key(path, row.roi_xy) if path.is_file() else None
+    if row.mask is None or not path.exists():
+        return None
+    return series_key(path, site_dir.joinpath(*row.mask.parts), row.roi_name,
+                      getattr(preprocessor, "slice_mode", "largest"), getattr(preprocessor, "slab_mm", 5.0),
+                      getattr(preprocessor, "slices_per_lesion", 1))
 
 
 def _read_image_remembered(path: Path) -> DicomImage:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrad.client.dataset import SiteData, image_key, load_site
+from fedrad.client.dataset import SiteData, load_site, row_key
 from fedrad.client.labels import Skipped, read_labels
 from fedrad.common.preprocess import Preprocessor
 
@@ -51,11 +51,12 @@ class ScoredImages:
         return np.array([i for i, s in enumerate(self.splits) if split in ("all", s)], dtype=int)
 
 
-def rows_of(data_dir: Path, data: SiteData) -> dict[str, list[tuple[str, int]]]:
+def rows_of(data_dir: Path, data: SiteData, preprocessor: Preprocessor) -> dict[str, list[tuple[str, int]]]:
     """Per bucket, the (labels.csv path, label) of each loaded image, in array order.
 
     `load_site` keeps each bucket in labels.csv order and drops skipped rows; a row's content
-    key (file bytes + ROI) tells whether it is the bucket's next loaded image.
+    key (`fedrad.client.dataset.row_key`: file bytes + ROI, or a series' files + mask + slice
+    mode) tells whether it is the bucket's next loaded image.
     """
     keys = {"train": data.keys_train, "test": data.keys_test, "unlabelled": data.keys_unlabelled}
     out: dict[str, list[tuple[str, int]]] = {b: [] for b in BUCKETS}
@@ -64,8 +65,7 @@ def rows_of(data_dir: Path, data: SiteData) -> dict[str, list[tuple[str, int]]]:
         pos = len(out[bucket])
         if pos >= len(keys[bucket]):
             continue
-        path = Path(data_dir).joinpath(*row.rel.parts)
-        if path.is_file() and image_key(path, row.roi_xy) == keys[bucket][pos]:
+        if row_key(Path(data_dir), row, preprocessor) == keys[bucket][pos]:
             out[bucket].append((row.image, -1 if row.label is None else row.label))
     for bucket in BUCKETS:
         if len(out[bucket]) != len(keys[bucket]):
@@ -106,7 +106,7 @@ def read_site_folder(data_dir: Path, preprocessor: Preprocessor) -> SiteFolder:
     data = load_site(data_dir, preprocessor)
     for s in data.skipped:
         log.warning("skipped %s: %s", s.file, s.reason)
-    rows = rows_of(data_dir, data)
+    rows = rows_of(data_dir, data, preprocessor)
     patients = patient_ids(data_dir)
     paths, splits, labels = [], [], []
     for bucket in BUCKETS:

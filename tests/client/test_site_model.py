@@ -122,3 +122,25 @@ def test_the_model_card_rebuilds_a_series_runs_slice_mode(tmp_path):
     old = {"preprocessing": {k: v for k, v in card["preprocessing"].items() if k not in ("slice_mode", "slab_mm")}}
     with pytest.raises(ValueError, match="rebuilds to"):  # a card without the mode (older fedrad) cannot pass for it
         preprocessor_from_card(old)
+
+
+def test_a_series_site_is_read_for_scoring_with_each_input_matched_to_its_row(tmp_path):
+    """predict used to find no labels.csv row for a series input ('labels.csv changed while it was read')."""
+    from fedrad.lab.series_export import write_seg, write_series
+
+    k, r, c = np.mgrid[0:12, 0:40, 0:48]
+    site = tmp_path / "site"
+    rows = ["image,series,mask,label,split"]
+    for i, shift in enumerate((0, 6)):
+        mask = ((k - 5.3) / 3.0) ** 2 + ((r - 18 - shift) / 6.0) ** 2 + ((c - 22) / 8.0) ** 2 < 1
+        hu = np.where(mask, 60.0 + 20 * i, -40.0).astype(np.float32)
+        written = write_series(site / "ct" / f"p{i}", hu, (2.5, 0.8, 0.8), origin_mm=(-20.0, -16.0, 10.0))
+        write_seg(site / f"p{i}.seg.dcm", written, mask)
+        rows.append(f",ct/p{i},p{i}.seg.dcm,{i},{'train' if i == 0 else 'test'}")
+    (site / "flat.dcm").write_bytes(sorted((site / "ct" / "p0").iterdir())[5].read_bytes())
+    rows.append("flat.dcm,,,1,train")
+    (site / "labels.csv").write_text("\n".join(rows) + "\n")
+    for mode in ("largest", "2.5d"):
+        folder = read_site_folder(site, Preprocessor(spacing_mm=1.0, fov_mm=24.0, slice_mode=mode))
+        assert folder.paths == ["ct/p0", "flat.dcm", "ct/p1"] and folder.splits == ["train", "train", "test"]
+        assert folder.labels.tolist() == [0, 1, 1]
