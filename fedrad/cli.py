@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -307,15 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("survival", help="survival check: per site federated vs the same site alone vs the "
                                         "true-risk ceiling, over seeds",
-                       description="A benchmark, not a test (issue 18's check): for each seed, one federation with "
+                       description=textwrap.fill(  # raw formatting keeps the epilog's lines: wrap this by hand
+                                   "A benchmark, not a test (issue 18's check): for each seed, one federation with "
                                    "task=survival and each site trained alone on the same schedule (nothing sent), "
                                    "sites sharing one work folder. Writes OUT/survival.json and survival.md: per "
                                    "site the test C-index, federated and alone, per seed and mean ± sd, the "
                                    "ceiling from truth.json (simulated data), whether the federated C-index is "
                                    "within --tolerance of it and above the site alone in every seed, "
-                                   "c_index_federated and bytes per round. --resume reuses finished runs in OUT.",
-                       epilog="example: fedrad synth --kind series --out data/series && "
-                              "fedrad survival --data data/series --out runs/survival --seeds 3")
+                                   "c_index_federated and bytes per round. With run config covariates, also the "
+                                   "baseline without the CNN: a Cox model on the covariates alone, per site and "
+                                   "pooled. --resume reuses finished runs in OUT.", 79),
+                       epilog="examples:\n  fedrad synth --kind series --out data/series && "
+                              "fedrad survival --data data/series --out runs/survival --seeds 3\n"
+                              "  fedrad survival --data data/series --out runs/survival-cov --seeds 3 "
+                              "--run-config \"covariates='log-volume,asphericity,hu-sd'\"",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_arguments(p, out="runs/survival")
     p.add_argument("--tolerance", type=float, default=0.03,
                    help="how far below the ceiling a site's federated C-index may be (default: 0.03)")
