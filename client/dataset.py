@@ -52,10 +52,11 @@ class SiteData:
         time_train, time_test: (N,) float64 follow-up in days, aligned with y_train / y_test,
             when the preprocessor's `target` is "survival" (then y is the event: 1 event,
             0 censored); empty otherwise.
-        covariates_train, covariates_test: (N, len(COVARIATES)) float64, aligned with
-            y_train / y_test: each row's mask-derived covariates (`fedrad.common.covariates`;
-            NaN for a 2-D image row, which has no mask). They stay at the site; with run
-            config `covariates` the Cox head weighs them beside the CNN.
+        covariates_train, covariates_test, covariates_unlabelled: (N, len(COVARIATES))
+            float64, aligned with y_train / y_test / x_unlabelled: each row's mask-derived
+            covariates (`fedrad.common.covariates`; NaN for a 2-D image row, which has no mask).
+            They stay at the site; with run config `covariates` the Cox head weighs them beside
+            the CNN.
     """
 
     name: str
@@ -74,6 +75,7 @@ class SiteData:
     time_test: np.ndarray = field(default_factory=lambda: np.zeros(0))
     covariates_train: np.ndarray = field(default_factory=lambda: np.zeros((0, len(COVARIATES))))
     covariates_test: np.ndarray = field(default_factory=lambda: np.zeros((0, len(COVARIATES))))
+    covariates_unlabelled: np.ndarray = field(default_factory=lambda: np.zeros((0, len(COVARIATES))))
 
     def summary(self) -> dict:
         """JSON-ready counts (no pixel data) for logs and the server."""
@@ -183,6 +185,7 @@ def load_site(
         time_test=np.asarray(times["test"] if survival else [], dtype=np.float64),
         covariates_train=np.asarray(covariates["train"], dtype=np.float64).reshape(-1, len(COVARIATES)),
         covariates_test=np.asarray(covariates["test"], dtype=np.float64).reshape(-1, len(COVARIATES)),
+        covariates_unlabelled=np.asarray(covariates["unlabelled"], dtype=np.float64).reshape(-1, len(COVARIATES)),
     )
 
 

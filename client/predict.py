@@ -52,7 +52,7 @@ class ScoredImages:
 
 
 def rows_of(data_dir: Path, data: SiteData, preprocessor: Preprocessor) -> dict[str, list[tuple[str, int]]]:
-    """Per bucket, the (labels.csv path, label) of each loaded image, in array order.
+    """Per bucket, the (labels.csv path, label; the event with target survival) of each loaded image, in array order.
 
     `load_site` keeps each bucket in labels.csv order and drops skipped rows; a row's content
     key (`fedrad.client.dataset.row_key`: file bytes + ROI, or a series' files + mask + slice
@@ -60,13 +60,15 @@ def rows_of(data_dir: Path, data: SiteData, preprocessor: Preprocessor) -> dict[
     """
     keys = {"train": data.keys_train, "test": data.keys_test, "unlabelled": data.keys_unlabelled}
     out: dict[str, list[tuple[str, int]]] = {b: [] for b in BUCKETS}
+    survival = getattr(preprocessor, "target", "label") == "survival"  # rows scored on time + event: y = event
     for row in read_labels(Path(data_dir) / "labels.csv", []):
-        bucket = "unlabelled" if row.label is None else row.split
+        target = row.event if survival else row.label
+        bucket = "unlabelled" if target is None else row.split
         pos = len(out[bucket])
         if pos >= len(keys[bucket]):
             continue
         if row_key(Path(data_dir), row, preprocessor) == keys[bucket][pos]:
-            out[bucket].append((row.image, -1 if row.label is None else row.label))
+            out[bucket].append((row.image, -1 if target is None else target))
     for bucket in BUCKETS:
         if len(out[bucket]) != len(keys[bucket]):
             raise ValueError(f"{data_dir}: labels.csv changed while it was read; run again.")

@@ -54,20 +54,17 @@ class SiteModelError(ValueError):
     """The run folder and the site's work folder do not make one model (the message says which and why)."""
 
 
-def check_scorable(cfg: RunConfig, folder: Path | str = "") -> None:
+def check_scorable(cfg: RunConfig, folder: Path | str = "", *, survival_ok: bool = True) -> None:
     """Refuse, before any image is read, a run that predict / evaluate / export cannot score faithfully.
 
-    They score classification runs image by image. A `task = survival` run's scores (C-index,
-    td-AUC, integrated Brier score, the Kaplan-Meier plot) are written at each site in its last
-    round; a slice bag (`slices-per-lesion` > 1) averages k inputs per patient, which the scorer
-    does not rebuild.
+    A slice bag (`slices-per-lesion` > 1) averages k inputs per patient, which the scorer does not
+    rebuild. `survival_ok = False` (export): a `task = survival` run has a Cox head and, maybe,
+    covariates that an exported graph of the network alone would not carry.
     """
     where = f"run {folder}: " if folder else ""
-    if cfg.task == "survival":
-        raise SiteModelError(f"{where}task = survival. fedrad predict, evaluate and export score classification "
-                             "runs; a survival run's test C-index, td-AUC, integrated Brier score and Kaplan-Meier "
-                             "plot are in each site's work folder (survival.json, km-risk-groups.png), written in "
-                             "its last round.")
+    if cfg.task == "survival" and not survival_ok:
+        raise SiteModelError(f"{where}task = survival: fedrad export writes classification models; score a "
+                             "survival run with fedrad predict / evaluate --model (per-patient risk, C-index).")
     if cfg.slices_per_lesion > 1:
         raise SiteModelError(f"{where}slices-per-lesion = {cfg.slices_per_lesion} (a slice bag): predict scores one "
                              "input per image and does not rebuild the bag's k-slice average; use a run with "

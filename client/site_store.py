@@ -30,7 +30,7 @@ from fedrad.common.covariates import COVARIATES
 
 log = logging.getLogger("fedrad.site")
 _ARRAYS = ("x_train", "y_train", "x_test", "y_test", "x_unlabelled", "spacings_mm", "time_train", "time_test",
-           "covariates_train", "covariates_test")
+           "covariates_train", "covariates_test", "covariates_unlabelled")
 _KEYS = ("keys_train", "keys_test", "keys_unlabelled")
 KEEP = 3  # array files kept per site: the raw inputs, the HU crops and the harmonised inputs of one run
 

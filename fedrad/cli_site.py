@@ -52,6 +52,17 @@ def load_run(folder: Path) -> Any:
                     None if prior is None else float(prior))
 
 
+def _is_survival(args: argparse.Namespace) -> bool:
+    """Whether `--model`'s run is task = survival (an exported model never is: export refuses those)."""
+    if getattr(args, "exported", None) is not None or args.model is None:
+        return False
+    path = Path(args.model) / "global.json"
+    try:
+        return json.loads(path.read_text()).get("config", {}).get("task") == "survival"
+    except (OSError, ValueError):
+        return False  # load_run gives the clear error
+
+
 @dataclass
 class Scorer:
     """What scores a folder: CNN inputs -> (logits, features), the corrections, the card to write."""
@@ -64,8 +75,12 @@ class Scorer:
     site: Any = None  # the torch SiteModel (None when scoring from an exported graph)
 
 
-def build_scorer(args: argparse.Namespace) -> Scorer:
-    """Assemble the site's model from a run (or an exported folder) and read the data folder once."""
+def build_scorer(args: argparse.Namespace, *, survival_ok: bool = True) -> Scorer:
+    """Assemble the site's model from a run (or an exported folder) and read the data folder once.
+
+    A `task = survival` run reads the folder on time + event and gets a survival card
+    (`fedrad.client.survival_predict`); `survival_ok = False` (export) refuses it first.
+    """
     from fedrad.client.export import exported_outputs, find_exported, sha256_of
     from fedrad.client.model_card import (
         build_card,
@@ -97,11 +112,12 @@ def build_scorer(args: argparse.Namespace) -> Scorer:
     if bn != "site" and args.site_work is not None:
         raise ValueError(f"--bn {bn} is for a site that never trained: leave out --site-work.")
     cfg = RunConfig.from_run_config(run.config)
-    check_scorable(cfg, run.folder)  # before any file is read
+    check_scorable(cfg, run.folder, survival_ok=survival_ok)  # before any file is read
     site_name = args.site or Path(args.site_work if args.site_work is not None else args.data or "site").name
     match = intensity_map(cfg, run.folder, args.site_work, args.data, site=site_name)
     preprocessor = Preprocessor(spacing_mm=cfg.spacing_mm, fov_mm=cfg.fov_mm, slice_mode=cfg.slice_mode,
-                                slab_mm=cfg.slab_mm, intensity_map=match)  # series rows cut as the run cut them
+                                slab_mm=cfg.slab_mm, intensity_map=match,  # series rows cut as the run cut them
+                                target="survival" if cfg.task == "survival" else "label")
     folder = read_site_folder(args.data, preprocessor) if args.data is not None else None
     if folder is None and bn == "adabn":
         raise ValueError("--bn adabn re-estimates BatchNorm on the site's images: give --data.")
@@ -109,7 +125,26 @@ def build_scorer(args: argparse.Namespace) -> Scorer:
                     site=site_name)
     card = build_card(site, preprocessor, threshold=args.threshold, decide_on=args.decide_on,
                       model_sha256=site.sha256())
+    if cfg.task == "survival":
+        from fedrad.client.survival_predict import survival_card
+
+        card = survival_card(card, site)
     return Scorer(preprocessor, site.outputs, site.posteriors, card, folder, site)
+
+
+def _score_survival(scorer: Scorer, args: argparse.Namespace, split: str) -> tuple[Any, Any]:
+    """A survival run: every image's risk (the training rows give the risk-group cut), `split`'s written."""
+    from fedrad.client.model_card import write_card
+    from fedrad.client.survival_predict import score_risks, write_risks
+
+    if getattr(args, "explain", False):
+        raise ValueError("--explain (Grad-CAM of the malignancy logit) is for classification runs; this run is "
+                         "task = survival.")
+    everything = score_risks(scorer.site, scorer.folder)
+    scored = everything.only(split, scorer.folder.data.name)
+    write_risks(args.out, scored, model_sha256=scorer.card["model_sha256"])
+    write_card(scorer.card, args.out)
+    return everything, scored
 
 
 def _score(args: argparse.Namespace, split: str) -> tuple[Scorer, Any]:
@@ -129,6 +164,16 @@ def _score(args: argparse.Namespace, split: str) -> tuple[Scorer, Any]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    if _is_survival(args):
+        scorer = build_scorer(args)
+        _, scored = _score_survival(scorer, args, args.split)
+        groups = "" if np.isnan(scored.cut) else (f"; {int(np.sum(scored.risk > scored.cut))} high-risk (above the "
+                                                  f"median training risk {scored.cut:.3g})")
+        Console().print(f"{len(scored.images)} images scored (log hazard ratio), {len(scored.skipped)} skipped{groups}; "
+                        f"model {scorer.card['model_sha256'][:12]} (run {scorer.card['run_id']}, "
+                        f"{scorer.card['batchnorm']}); written: {args.out / 'predictions.csv'}, "
+                        f"{args.out / 'model-card.json'}", soft_wrap=True)
+        return 0
     scorer, scored = _score(args, args.split)
     console = Console()
     console.print(f"{len(scored.images)} images scored, {len(scored.skipped)} skipped; "
@@ -152,6 +197,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedrad.client.predict import decision_column
     from fedrad.client.site_evaluation import evaluate_scores, reliability_diagram, write_evaluation
 
+    if _is_survival(args):
+        from fedrad.client.survival_predict import evaluate_risks, write_survival_evaluation
+
+        scorer = build_scorer(args)
+        everything, _ = _score_survival(scorer, args, args.split)
+        result = {**evaluate_risks(everything, args.split), "run_id": scorer.card["run_id"],
+                  "model_sha256": scorer.card["model_sha256"]}
+        write_survival_evaluation(args.out, result, scorer.card, everything, args.split)
+        c = "–" if result["c_index"] is None else f"{result['c_index']:.4f}"
+        Console().print(f"C-index {c} on {result['n_images']} images ({result['n_events']} events); written: "
+                        f"{args.out / 'evaluate.json'}, {args.out / 'evaluate.md'}", soft_wrap=True)
+        return 0
     scorer, scored = _score(args, args.split)
     labelled = scored.labels >= 0
     if not labelled.any():
@@ -182,7 +239,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fedrad.client.model_card import write_card
 
     args.exported = None
-    scorer = build_scorer(args)
+    scorer = build_scorer(args, survival_ok=False)
     size = scorer.preprocessor.size
     if scorer.folder is None:  # no images given: a seeded random batch of the input's shape
         example = np.random.default_rng(0).normal(size=(4, 3, size, size)).astype(np.float32)
@@ -231,7 +288,8 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
                        description="Assembles the site's model from the run (shared layers) and its own work folder "
                                    "(BatchNorm, calibration, prior, personalised head), reads --data like training "
                                    "(bad files skipped with a reason) and writes OUT/predictions.csv, "
-                                   "model-card.json and skipped.csv.", formatter_class=fmt,
+                                   "model-card.json and skipped.csv. A task=survival run writes each image's risk "
+                                   "(log hazard ratio) and risk group instead.", formatter_class=fmt,
                        epilog=EXAMPLES["predict"])
     _model_arguments(p)
     p.add_argument("--split", choices=["all", "train", "test"], default="all",
@@ -245,7 +303,8 @@ def add_site_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="AUC with a patient-bootstrap 95%% CI, calibration, sensitivity/specificity",
                        description="Scores a labelled site folder like predict and writes OUT/evaluate.json (auc, "
                                    "auc_ci95, ece, brier, sensitivity, specificity, confusion_matrix, ...), "
-                                   "evaluate.md, reliability.png, plus predictions.csv and model-card.json.",
+                                   "evaluate.md, reliability.png, plus predictions.csv and model-card.json. A "
+                                   "task=survival run: c_index, td_auc, integrated_brier and km-risk-groups.png.",
                        formatter_class=fmt, epilog=EXAMPLES["evaluate"])
     _model_arguments(p)
     p.add_argument("--split", choices=["all", "train", "test"], default="test", help="rows to evaluate (default test)")

@@ -95,19 +95,20 @@ def test_a_folder_is_scored_per_split_in_labels_order_and_bad_files_are_skipped(
     assert np.allclose(test.probabilities["probability"], scored.probabilities["probability"][1:3])
 
 
-def test_runs_predict_cannot_score_faithfully_are_refused_before_any_image_is_read(tmp_path):
+def test_runs_predict_or_export_cannot_score_faithfully_are_refused_before_any_image_is_read(tmp_path):
     from fedrad.client.site_model import assemble, check_scorable
     from fedrad.common.config import RunConfig
 
     check_scorable(RunConfig())  # a classification run with one input per image: scorable
     check_scorable(RunConfig(slice_mode="2.5d"))
-    with pytest.raises(SiteModelError, match=r"run R: task = survival\..*survival.json, km-risk-groups.png"):
-        check_scorable(RunConfig(task="survival"), "R")
+    check_scorable(RunConfig(task="survival"))  # predict / evaluate score its risks
+    with pytest.raises(SiteModelError, match=r"run R: task = survival: fedrad export writes classification"):
+        check_scorable(RunConfig(task="survival"), "R", survival_ok=False)
     with pytest.raises(SiteModelError, match="slices-per-lesion = 5 .*slices-per-lesion = 1"):
         check_scorable(RunConfig(slices_per_lesion=5))
-    survival = RunModel(tmp_path / "run", "aaaa1111", 5, RunConfig(task="survival").to_run_config(), {}, {})
-    with pytest.raises(SiteModelError, match="task = survival"):
-        assemble(survival, work=tmp_path / "work", bn="site")
+    bag = RunModel(tmp_path / "run", "aaaa1111", 5, RunConfig(slices_per_lesion=3).to_run_config(), {}, {})
+    with pytest.raises(SiteModelError, match="slices-per-lesion = 3"):
+        assemble(bag, work=tmp_path / "work", bn="site")
 
 
 def test_the_model_card_rebuilds_a_series_runs_slice_mode(tmp_path):

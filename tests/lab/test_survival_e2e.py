@@ -68,3 +68,14 @@ def test_mask_covariates_train_beside_the_cnn_are_averaged_and_their_values_stay
         egress = (tmp_path / "out" / "sites" / site["name"] / "egress.jsonl").read_text()
         assert "_covariates.weight" in egress  # the coefficients travel, as the head does
         assert "log-volume" not in egress and "hu-sd" not in egress  # the covariate values do not
+    # the site scores its test split again with fedrad evaluate: the run's own C-index and td-AUC come back
+    from fedrad.cli import main
+
+    site = report["sites"][0]
+    out = tmp_path / "evaluate"
+    assert main(["evaluate", "--model", str(tmp_path / "out"), "--site-work", str(tmp_path / "out" / "sites" /
+                 site["name"]), "--data", str(series_data / site["name"]), "--split", "test", "--out", str(out)]) == 0
+    result = json.loads((out / "evaluate.json").read_text())
+    assert result["c_index"] == pytest.approx(site["c_index"], abs=1e-12)
+    assert (result["td_auc"] is None) == (site["td_auc"] is None)
+    assert (out / "km-risk-groups.png").is_file() and "risk_group" in (out / "predictions.csv").read_text()
