@@ -46,9 +46,14 @@ class ScoredImages:
 
     def subset(self, split: str) -> np.ndarray:
         """Indices of images in `split` ("train" includes unlabelled rows, "all" = every image)."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}; got {split!r}.")
-        return np.array([i for i, s in enumerate(self.splits) if split in ("all", s)], dtype=int)
+        return split_indices(self.splits, split)
+
+
+def split_indices(splits: list[str], split: str) -> np.ndarray:
+    """Indices of the images whose split is `split` ("all" = every image)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}; got {split!r}.")
+    return np.array([i for i, s in enumerate(splits) if split in ("all", s)], dtype=int)
 
 
 def rows_of(data_dir: Path, data: SiteData, preprocessor: Preprocessor) -> dict[str, list[tuple[str, int]]]:
@@ -177,8 +182,13 @@ def write_predictions(out: Path, scored: ScoredImages, *, threshold: float, deci
                              f"{p['probability']:.9g}", f"{p['probability_corrected']:.9g}",
                              "" if np.isnan(p["probability_personalised"]) else f"{p['probability_personalised']:.9g}",
                              int(decision[i]), f"{prior:.6g}", model_sha256])
+    write_skipped(out, scored.skipped)
+    return path
+
+
+def write_skipped(out: Path, skipped: list[Skipped]) -> None:
+    """skipped.csv in `out`: each file left out and why (the site's own folder; nothing is sent)."""
     with open(out / "skipped.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["image", "reason"])
-        writer.writerows([s.file, s.reason] for s in scored.skipped)
-    return path
+        writer.writerows([s.file, s.reason] for s in skipped)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedrad.client.predict import SPLITS, SiteFolder
+from fedrad.client.predict import SiteFolder, split_indices, write_skipped
 from fedrad.client.site_model import SiteModel
 from fedrad.client.survival_site import plot_risk_groups, risk_scores, survival_scores
 from fedrad.common.covariates import select
@@ -48,9 +48,7 @@ class ScoredRisks:
 
     def subset(self, split: str) -> np.ndarray:
         """Indices of images in `split` ("train" includes rows without a time, "all" = every image)."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}; got {split!r}.")
-        return np.array([i for i, s in enumerate(self.splits) if split in ("all", s)], dtype=int)
+        return split_indices(self.splits, split)
 
     def only(self, split: str, name: str = "site") -> ScoredRisks:
         """The images of `split` (the cut stays the training rows'); refused when there are none."""
@@ -98,10 +96,7 @@ def write_risks(out: Path, scored: ScoredRisks, *, model_sha256: str) -> Path:
             writer.writerow([image, scored.splits[i], "" if math.isnan(scored.time[i]) else f"{scored.time[i]:g}",
                              "" if scored.event[i] < 0 else int(scored.event[i]), f"{scored.risk[i]:.9g}",
                              risk_group(float(scored.risk[i]), scored.cut), model_sha256])
-    with open(out / "skipped.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["image", "reason"])
-        writer.writerows([s.file, s.reason] for s in scored.skipped)
+    write_skipped(out, scored.skipped)
     return path
 
 
@@ -115,8 +110,7 @@ def evaluate_risks(everything: ScoredRisks, split: str) -> dict[str, Any]:
                          "(predict scores patients without).")
     t, e, r = everything.time, everything.event, everything.risk
     scores = survival_scores(t[train], e[train], r[train], t[rows], e[rows], r[rows])
-    finite = {k: (float(v) if isinstance(v, float) and math.isfinite(v) else None if isinstance(v, float) else v)
-              for k, v in scores.items()}
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in scores.items()}
     return {"split": split, "n_images": len(rows), "n_events": int(np.sum(e[rows])),
             "c_index": finite[C_INDEX], "td_auc": finite[TD_AUC],
             "pairs": dict(zip(("concordant", "discordant", "tied_risk"), (finite[k] for k in PAIRS))),

@@ -118,10 +118,6 @@ def attach(model: nn.Module, n: int) -> nn.Module:
 
 
 def covariate_risk(model: nn.Module, z: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """beta . z per row (N,); zeros when the model has no covariates."""
-    head = getattr(model, MODULE, None)
-    if head is None:
-        return torch.zeros(len(z), dtype=torch.float64)
-    z = torch.as_tensor(np.asarray(z) if not isinstance(z, torch.Tensor) else z, dtype=head.weight.dtype,
-                        device=head.weight.device)
-    return head(z)[:, 0]
+    """beta . z per row (N,) of a model given its coefficients by `attach`."""
+    head = getattr(model, MODULE)
+    return head(torch.as_tensor(z, dtype=head.weight.dtype, device=head.weight.device))[:, 0]

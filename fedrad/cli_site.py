@@ -52,17 +52,6 @@ def load_run(folder: Path) -> Any:
                     None if prior is None else float(prior))
 
 
-def _is_survival(args: argparse.Namespace) -> bool:
-    """Whether `--model`'s run is task = survival (an exported model never is: export refuses those)."""
-    if getattr(args, "exported", None) is not None or args.model is None:
-        return False
-    path = Path(args.model) / "global.json"
-    try:
-        return json.loads(path.read_text()).get("config", {}).get("task") == "survival"
-    except (OSError, ValueError):
-        return False  # load_run gives the clear error
-
-
 @dataclass
 class Scorer:
     """What scores a folder: CNN inputs -> (logits, features), the corrections, the card to write."""
@@ -147,34 +136,38 @@ def _score_survival(scorer: Scorer, args: argparse.Namespace, split: str) -> tup
     return everything, scored
 
 
-def _score(args: argparse.Namespace, split: str) -> tuple[Scorer, Any]:
+def _score(scorer: Scorer, args: argparse.Namespace, split: str) -> Any:
     from fedrad.client.predict import score_folder, write_predictions
     from fedrad.client.model_card import write_card
 
-    scorer = build_scorer(args)
     scored = score_folder(scorer.folder, scorer.outputs, scorer.posteriors, split=split)
     prior = scorer.card["prior"]["p_malignant"]
     write_predictions(args.out, scored, threshold=args.threshold, decide_on=args.decide_on,
                       prior=scorer.card["prior_train"] if prior is None else prior,
                       model_sha256=scorer.card["model_sha256"])
     write_card(scorer.card, args.out)
-    return scorer, scored
+    return scored
+
+
+def _is_survival(scorer: Scorer) -> bool:
+    """A task = survival run's scorer (its card says so; an exported model never is: export refuses those)."""
+    return scorer.card.get("task") == "survival"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    if _is_survival(args):
-        scorer = build_scorer(args)
+    scorer = build_scorer(args)
+    if _is_survival(scorer):
         _, scored = _score_survival(scorer, args, args.split)
         groups = "" if np.isnan(scored.cut) else (f"; {int(np.sum(scored.risk > scored.cut))} high-risk (above the "
                                                   f"median training risk {scored.cut:.3g})")
-        Console().print(f"{len(scored.images)} images scored (log hazard ratio), {len(scored.skipped)} skipped{groups}; "
-                        f"model {scorer.card['model_sha256'][:12]} (run {scorer.card['run_id']}, "
+        Console().print(f"{len(scored.images)} images scored (log hazard ratio), {len(scored.skipped)} skipped"
+                        f"{groups}; model {scorer.card['model_sha256'][:12]} (run {scorer.card['run_id']}, "
                         f"{scorer.card['batchnorm']}); written: {args.out / 'predictions.csv'}, "
                         f"{args.out / 'model-card.json'}", soft_wrap=True)
         return 0
-    scorer, scored = _score(args, args.split)
+    scored = _score(scorer, args, args.split)
     console = Console()
     console.print(f"{len(scored.images)} images scored, {len(scored.skipped)} skipped; "
                   f"model {scorer.card['model_sha256'][:12]} (run {scorer.card['run_id']}, {scorer.card['batchnorm']})")
@@ -197,10 +190,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedrad.client.predict import decision_column
     from fedrad.client.site_evaluation import evaluate_scores, reliability_diagram, write_evaluation
 
-    if _is_survival(args):
+    scorer = build_scorer(args)
+    if _is_survival(scorer):
         from fedrad.client.survival_predict import evaluate_risks, write_survival_evaluation
 
-        scorer = build_scorer(args)
         everything, _ = _score_survival(scorer, args, args.split)
         result = {**evaluate_risks(everything, args.split), "run_id": scorer.card["run_id"],
                   "model_sha256": scorer.card["model_sha256"]}
@@ -209,7 +202,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         Console().print(f"C-index {c} on {result['n_images']} images ({result['n_events']} events); written: "
                         f"{args.out / 'evaluate.json'}, {args.out / 'evaluate.md'}", soft_wrap=True)
         return 0
-    scorer, scored = _score(args, args.split)
+    scored = _score(scorer, args, args.split)
     labelled = scored.labels >= 0
     if not labelled.any():
         raise ValueError(f"{args.data}: no labelled image in split {args.split!r}; evaluate needs labels "
